@@ -1,0 +1,2 @@
+"""Imports every model family so that each registers itself. Add new families here."""
+from . import dvad  # noqa: F401
