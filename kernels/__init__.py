@@ -2,6 +2,9 @@
 
 Kernels know nothing about models: `models/` imports from here, never the reverse.
 """
+from .cross_scan import cross_merge, cross_scan, scan_orders
+from .moe import moe_gate, moe_gate_ref
 from .selective_scan import selective_scan, selective_scan_ref
 
-__all__ = ["selective_scan", "selective_scan_ref"]
+__all__ = ["selective_scan", "selective_scan_ref", "scan_orders", "cross_scan", "cross_merge",
+           "moe_gate", "moe_gate_ref"]
