@@ -1,0 +1,380 @@
+"""DVAD (Mamba decoder + Hyper AD plug-in + MoE) and its MambaAD-style ablation.
+
+Registered names: "dvad" (all branches on) and "mambaad" (preset: use_hyper=False, use_moe=False).
+
+Data flow (B batch, S = input_size, dims = (d32, d16, d8, d4) decoder widths at strides 32..4):
+
+  x (B, 3, S, S) --frozen encoder--> f4 (B, C4, S/4), f8 (B, C8, S/8), f16 (B, C16, S/16)
+  neck([f4, f8, f16])                      -> z (B, d32, S/32)
+  stage 0: depths[0] blocks at stride 32   -> PatchExpand -> (B, d16, S/16)
+  stage 1: depths[1] blocks                -> r16 = 1x1 conv -> (B, C16, S/16)
+           PatchExpand -> stage 2 -> r8 (B, C8, S/8); PatchExpand -> stage 3 -> r4 (B, C4, S/4)
+  anomaly_map = blur(mean_s upsample(1 - cos(f_s, r_s)))  (B, 1, S, S);  score = max  (B,)
+  (odd sizes: ceil at every stride; patch-expand crops to the encoder's sizes)
+
+Block (dim d, input x (B, d, h, w)):
+  n = LayerNorm2d(x)
+  branches = [SS2D(n)] if use_mamba + [CNNBranch_k5(n), CNNBranch_k7(n)] if use_cnn   (each (B, d, h, w))
+  cat (B, n_br*d, h, w)
+  fused = moe_gate(gate(cat) (B, M, h, w), experts(cat) (B, M, d, h, w))   if use_moe   (M experts:
+          1x1 convs whose input width is the concatenated n_br*d - the public code declared 2d and
+          crashed on 4d) else 1x1 conv (n_br*d -> d)
+  y = x + fused
+  y = HyperAdapter(y, e)                    if use_hyper (per-sample weights, gate initialised at 0)
+
+SS2D (d_inner = expand*d, K scan directions, N = d_state, R = dt_rank):
+  in_proj 1x1: d -> 2 d_inner, split x, z; x = SiLU(depthwise3x3(x));
+  xs = cross_scan(x, orders) (B, K, d_inner, L); per-direction x_proj -> dt (R), B (N), C (N);
+  dt_proj (R -> d_inner) per direction; y = selective_scan(u=xs (B, K d_inner, L), delta, A=-exp(A_log)
+  (K d_inner, N), B, C (B, K, N, L), D, delta_bias, softplus) -> cross_merge -> (B, d_inner, h, w);
+  LayerNorm * SiLU(z); out_proj 1x1 d_inner -> d.  A_log = log(1..N); dt bias = softplus^-1 of a
+  log-uniform sample in [1e-3, 0.1].
+
+HyperAdapter (per sample b, rank r, latent q):
+  s_b = mean_hw(y_b) + P e_b                (class-embedded features; e_b from the class embedding)
+  w_b = SwiGLU-MLP(Linear(s_b))             (B, r*d + r + d*r + d): adapter weights for this sample only
+  a_b = up_b @ GELU(down_b @ y_b + bd_b) + bu_b;  out_b = y_b + gate * a_b    (einsum over the batch)
+  -> no statistic crosses the batch axis, so one image's output never depends on the others.
+Class embedding: e = MLP(concat of the global means of f4, f8, f16) (B, E): from the frozen encoder,
+no label needed at inference; with num_classes > 1 an auxiliary linear classifier (weight 0.1,
+training only) makes it class-aware.
+
+Defaults (CPU-trainable: ~1-2 M trainable parameters; see `DVADConfig.paper()` for the paper's):
+  EfficientNet-Lite0 encoder (offline weights), input 256, dims (128, 64, 32, 32), depths (1, 1, 1, 1),
+  d_state 8, expand 2, raster4 scans (4 directions), M = 4 experts, hyper latent 32, adapter rank 8.
+  Paper (MambaAD/DVAD): ResNet-34, dims (512, 256, 128, 64), depths (3, 4, 6, 3), d_state 16,
+  hilbert8 (8 directions), ~25.6 M parameters.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+from . import layers as L
+from .base import AnomalyModel, ConfigBase, PreprocessConfig
+from .encoders import ENCODERS, create_encoder
+from .registry import register_model
+
+SCAN_KINDS = ("hilbert8", "raster4", "raster2", "raster1")
+_NUM_DIRS = {"hilbert8": 8, "raster4": 4, "raster2": 2, "raster1": 1}
+
+
+@dataclass
+class DVADConfig(ConfigBase):
+    input_size: int = 256
+    encoder: str = "efficientnet_lite0"
+    encoder_weights: Optional[str] = None      # file path; None = package / torch hub cache
+    dims: Tuple[int, ...] = (128, 64, 32, 32)  # decoder widths at strides 32, 16, 8, 4
+    depths: Tuple[int, ...] = (1, 1, 1, 1)     # blocks per stage (0 allowed)
+    d_state: int = 8
+    expand: int = 2
+    dt_rank: int = 0                           # 0 = ceil(d / 16)
+    scan: str = "raster4"
+    use_mamba: bool = True
+    use_cnn: bool = True
+    use_hyper: bool = True
+    use_moe: bool = True
+    num_experts: int = 4
+    hyper_latent: int = 32
+    hyper_hidden: int = 64
+    hyper_rank: int = 8
+    class_embed_dim: int = 32                  # 0 = no class embedding
+    num_classes: int = 0                       # > 1: auxiliary class loss on the embedding
+    cnn_kernels: Tuple[int, ...] = (5, 7)
+    blur_sigma: float = 4.0
+    lr: float = 0.005                          # AdamW lr at batch 16 (scaled linearly with batch)
+    weight_decay: float = 1e-4
+
+    def __post_init__(self):
+        def bad(field_name, expected, got):
+            raise ValueError(f"DVADConfig.{field_name}: expected {expected}, got {got!r}")
+
+        if self.encoder not in ENCODERS:
+            bad("encoder", f"one of {ENCODERS}", self.encoder)
+        if self.scan not in SCAN_KINDS:
+            bad("scan", f"one of {SCAN_KINDS}", self.scan)
+        if len(self.dims) != 4 or any(int(d) <= 0 for d in self.dims):
+            bad("dims", "4 positive ints (strides 32, 16, 8, 4)", self.dims)
+        if self.dims[0] % 4:
+            bad("dims", "dims[0] a multiple of 4 (neck bottleneck)", self.dims)
+        if len(self.depths) != 4 or any(int(d) < 0 for d in self.depths):
+            bad("depths", "4 non-negative ints", self.depths)
+        if not (self.use_mamba or self.use_cnn):
+            bad("use_mamba/use_cnn", "at least one branch on", (self.use_mamba, self.use_cnn))
+        if self.num_experts < 1:
+            bad("num_experts", ">= 1", self.num_experts)
+        if self.input_size < 32:
+            bad("input_size", ">= 32", self.input_size)
+        if self.d_state < 1 or self.expand < 1:
+            bad("d_state/expand", ">= 1", (self.d_state, self.expand))
+
+    @classmethod
+    def paper(cls, **kw):
+        """The paper's sizes (MambaAD decoder on ResNet-34; DVAD adds hyper + MoE)."""
+        base = dict(encoder="resnet34", dims=(512, 256, 128, 64), depths=(3, 4, 6, 3), d_state=16,
+                    scan="hilbert8", hyper_latent=64, hyper_hidden=128, hyper_rank=16,
+                    class_embed_dim=64)
+        base.update(kw)
+        return cls(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+class SS2D(nn.Module):
+    """2-D selective scan over K directions (see module doc). (B, d, h, w) -> (B, d, h, w)."""
+
+    def __init__(self, dim: int, d_state: int = 16, expand: int = 2, dt_rank: int = 0,
+                 scan: str = "hilbert8", hw: Optional[Tuple[int, int]] = None,
+                 dt_min: float = 1e-3, dt_max: float = 0.1):
+        super().__init__()
+        di = expand * dim
+        k = _NUM_DIRS[scan]
+        r = dt_rank or math.ceil(dim / 16)
+        self.scan, self.k, self.di, self.r, self.n = scan, k, di, r, d_state
+        self.in_proj = nn.Conv2d(dim, 2 * di, 1, bias=False)
+        self.conv = nn.Conv2d(di, di, 3, padding=1, groups=di)
+        self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * d_state, di))
+        self.dt_proj_weight = nn.Parameter(torch.empty(k, di, r))
+        self.dt_proj_bias = nn.Parameter(torch.empty(k, di))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32))
+                                  .repeat(k * di, 1))
+        self.D = nn.Parameter(torch.ones(k * di))
+        self.out_norm = nn.LayerNorm(di)
+        self.out_proj = nn.Conv2d(di, dim, 1, bias=False)
+        self._hw = tuple(hw) if hw else None
+        if hw:
+            self.register_buffer("orders", kernels.scan_orders(hw[0], hw[1], scan), persistent=False)
+        self.reset_scan_parameters(dt_min, dt_max)
+
+    @torch.no_grad()
+    def reset_scan_parameters(self, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+        bound = self.di ** -0.5
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        std = self.r ** -0.5
+        nn.init.uniform_(self.dt_proj_weight, -std, std)
+        dt = torch.exp(torch.rand(self.k, self.di) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
+        self.A_log.copy_(torch.log(torch.arange(1, self.n + 1, dtype=torch.float32)).repeat(self.k * self.di, 1))
+        self.D.fill_(1.0)
+
+    def _orders(self, h: int, w: int, device):
+        if self._hw == (h, w):
+            return self.orders
+        return kernels.scan_orders(h, w, self.scan).to(device)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        length = h * w
+        xs, z = self.in_proj(x).chunk(2, dim=1)
+        xs = F.silu(self.conv(xs))
+        orders = self._orders(h, w, x.device)
+        seq = kernels.cross_scan(xs, orders)                                   # (B, K, di, L)
+        proj = torch.einsum("bkdl,kcd->bkcl", seq, self.x_proj_weight)         # (B, K, R+2N, L)
+        dts, bs, cs = torch.split(proj, [self.r, self.n, self.n], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)         # (B, K, di, L)
+        y = kernels.selective_scan(
+            seq.reshape(b, self.k * self.di, length), dts.reshape(b, self.k * self.di, length),
+            -torch.exp(self.A_log.float()), bs.contiguous(), cs.contiguous(), self.D.float(),
+            z=None, delta_bias=self.dt_proj_bias.reshape(-1).float(), delta_softplus=True)
+        y = kernels.cross_merge(y.reshape(b, self.k, self.di, length), orders, (h, w))  # (B, di, h, w)
+        y = self.out_norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * F.silu(z)
+        return self.out_proj(y)
+
+
+class MoE(nn.Module):
+    """M dense experts (1x1 convs on the concatenated width) mixed by a per-pixel softmax gate."""
+
+    def __init__(self, cin: int, cout: int, num_experts: int):
+        super().__init__()
+        self.m, self.cout = num_experts, cout
+        self.experts = nn.Conv2d(cin, num_experts * cout, 1)   # all M experts in one conv
+        self.gate = nn.Conv2d(cin, num_experts, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        experts = self.experts(x).reshape(b, self.m, self.cout, h, w)
+        return kernels.moe_gate(self.gate(x), experts)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cin: int, hidden: int, cout: int):
+        super().__init__()
+        self.w12 = nn.Linear(cin, 2 * hidden)
+        self.w3 = nn.Linear(hidden, cout)
+
+    def forward(self, x):
+        a, g = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * g)
+
+
+class HyperAdapter(nn.Module):
+    """Per-sample bottleneck adapter whose weights a hypernetwork makes from the sample's latent."""
+
+    def __init__(self, dim: int, latent: int, hidden: int, rank: int, embed_dim: int = 0):
+        super().__init__()
+        self.dim, self.rank = dim, rank
+        self.embed_proj = nn.Linear(embed_dim, dim) if embed_dim else None
+        self.to_latent = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, latent))
+        n_out = 2 * rank * dim + rank + dim
+        self.hyper = SwiGLU(latent, hidden, n_out)
+        # static part of the adapter weights; the hypernetwork adds a per-sample residual
+        self.down0 = nn.Parameter(torch.randn(rank, dim) * dim ** -0.5)
+        self.up0 = nn.Parameter(torch.randn(dim, rank) * 0.02)
+        self.gate = nn.Parameter(torch.zeros(dim))   # output gate, 0 at init: starts as identity
+
+    def forward(self, y, e: Optional[torch.Tensor] = None):
+        b, d, h, w = y.shape
+        s = y.mean(dim=(2, 3))                                          # (B, d): this sample only
+        if self.embed_proj is not None and e is not None:
+            s = s + self.embed_proj(e)
+        p = self.hyper(self.to_latent(s))                               # (B, n_out)
+        rd = self.rank * d
+        down = self.down0 + p[:, :rd].reshape(b, self.rank, d) * d ** -0.5
+        up = self.up0 + p[:, rd: 2 * rd].reshape(b, d, self.rank) * 0.1
+        bd = p[:, 2 * rd: 2 * rd + self.rank]
+        bu = p[:, 2 * rd + self.rank:]
+        t = y.reshape(b, d, h * w)
+        a = F.gelu(torch.einsum("brd,bdn->brn", down, t) + bd.unsqueeze(-1))
+        a = torch.einsum("bdr,brn->bdn", up, a) + bu.unsqueeze(-1)
+        return y + self.gate.view(1, d, 1, 1) * a.reshape(b, d, h, w)
+
+
+class DVADBlock(nn.Module):
+    def __init__(self, dim: int, cfg: DVADConfig, hw: Optional[Tuple[int, int]]):
+        super().__init__()
+        self.norm = L.LayerNorm2d(dim)
+        self.ss2d = SS2D(dim, cfg.d_state, cfg.expand, cfg.dt_rank, cfg.scan, hw) if cfg.use_mamba else None
+        self.cnns = nn.ModuleList([L.CNNBranch(dim, k) for k in cfg.cnn_kernels]) if cfg.use_cnn else None
+        n_br = int(cfg.use_mamba) + (len(cfg.cnn_kernels) if cfg.use_cnn else 0)
+        if cfg.use_moe:
+            self.fuse = MoE(n_br * dim, dim, cfg.num_experts)
+        else:
+            self.fuse = nn.Conv2d(n_br * dim, dim, 1)
+        self.hyper = (HyperAdapter(dim, cfg.hyper_latent, cfg.hyper_hidden, cfg.hyper_rank,
+                                   cfg.class_embed_dim) if cfg.use_hyper else None)
+
+    def forward(self, x, e: Optional[torch.Tensor] = None):
+        n = self.norm(x)
+        br = []
+        if self.ss2d is not None:
+            br.append(self.ss2d(n))
+        if self.cnns is not None:
+            br.extend(c(n) for c in self.cnns)
+        y = x + self.fuse(torch.cat(br, dim=1))
+        if self.hyper is not None:
+            y = self.hyper(y, e)
+        return y
+
+
+class ClassEmbedding(nn.Module):
+    """e = MLP(concat of global means of the encoder maps): (B, E), no label needed."""
+
+    def __init__(self, enc_channels: Sequence[int], dim: int, num_classes: int = 0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(sum(enc_channels), dim), nn.LayerNorm(dim), nn.GELU(),
+                                 nn.Linear(dim, dim))
+        self.classifier = nn.Linear(dim, num_classes) if num_classes > 1 else None
+
+    def forward(self, feats):
+        return self.mlp(torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1))
+
+
+# ---------------------------------------------------------------------------------------------
+@register_model("dvad")
+class DVAD(AnomalyModel):
+    """Frozen encoder + neck + Mamba/CNN/Hyper/MoE decoder; forward contract in models/base.py."""
+
+    config_class = DVADConfig
+    frozen_encoder = True     # models.train may cache `encode(x)` outputs (no augmentation)
+
+    def __init__(self, config: DVADConfig, pretrained: bool = True):
+        super().__init__(config, pretrained)
+        c = config
+        self.encoder = create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
+        enc_ch = tuple(self.encoder.channels)
+        s = c.input_size
+        sizes = self.encoder.feature_sizes(s, s)                # strides 4, 8, 16
+        s32 = ((sizes[2][0] + 1) // 2, (sizes[2][1] + 1) // 2)
+        stage_hw = [s32, sizes[2], sizes[1], sizes[0]]
+        dims = [int(d) for d in c.dims]
+        self.neck = L.Neck(enc_ch, dims[0])
+        self.expands = nn.ModuleList([L.PatchExpand(dims[i], dims[i + 1]) for i in range(3)])
+        self.stages = nn.ModuleList([
+            nn.ModuleList([DVADBlock(dims[i], c, stage_hw[i]) for _ in range(int(c.depths[i]))])
+            for i in range(4)])
+        # decoder outputs at strides 16, 8, 4 -> encoder channels (for the cosine comparison)
+        self.heads = nn.ModuleList([nn.Conv2d(dims[1], enc_ch[2], 1), nn.Conv2d(dims[2], enc_ch[1], 1),
+                                    nn.Conv2d(dims[3], enc_ch[0], 1)])
+        self.class_embed = (ClassEmbedding(enc_ch, c.class_embed_dim, c.num_classes)
+                            if c.use_hyper and c.class_embed_dim > 0 else None)
+        for mod in (self.neck, self.expands, self.stages, self.heads, self.class_embed):
+            if mod is not None:
+                L.init_weights(mod)
+        for m in self.modules():   # init_weights reset these; restore the Mamba / hyper inits
+            if isinstance(m, SS2D):
+                m.reset_scan_parameters()
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(input_size=self.config.input_size, mean=tuple(self.encoder.mean),
+                                std=tuple(self.encoder.std), blur_sigma=self.config.blur_sigma)
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Frozen encoder features [f4, f8, f16] (no gradient)."""
+        with torch.no_grad():
+            return [f.detach() for f in self.encoder(x)]
+
+    def decode(self, feats: Sequence[torch.Tensor]):
+        """-> (reconstructions [r4, r8, r16] matching feats, class embedding (B, E) or None)."""
+        e = self.class_embed(feats) if self.class_embed is not None else None
+        sizes = [tuple(f.shape[-2:]) for f in feats]
+        z = self.neck(feats)
+        outs = []
+        for i in range(4):
+            if i > 0:
+                z = self.expands[i - 1](z, sizes[3 - i])
+            for blk in self.stages[i]:
+                z = blk(z, e)
+            if i > 0:
+                outs.append(self.heads[i - 1](z))
+        return outs[::-1], e
+
+    # ---- contract -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor):
+        feats = self.encode(x)
+        recs, _ = self.decode(feats)
+        return L.cosine_anomaly_map(feats, recs, tuple(x.shape[-2:]), self.config.blur_sigma)
+
+    def loss_from_features(self, feats, class_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+        recs, e = self.decode(feats)
+        loss = L.cosine_loss(feats, recs)
+        if (class_id is not None and self.class_embed is not None
+                and self.class_embed.classifier is not None):
+            loss = loss + 0.1 * F.cross_entropy(self.class_embed.classifier(e), class_id.long())
+        return loss
+
+    def training_loss(self, x, class_id: Optional[torch.Tensor] = None):
+        return self.loss_from_features(self.encode(x), class_id)
+
+
+@dataclass
+class MambaADConfig(DVADConfig):
+    """DVADConfig preset: the Hyper AD plug-in (and with it the class embedding) and MoE off."""
+
+    use_hyper: bool = False
+    use_moe: bool = False
+
+
+@register_model("mambaad")
+class MambaAD(DVAD):
+    """MambaAD-style ablation: DVAD with use_hyper=False and use_moe=False (a config preset)."""
+
+    config_class = MambaADConfig
