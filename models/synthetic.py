@@ -16,7 +16,8 @@ Classes ("kinds"):
   object   a coloured washer (disc with a hole) on a dark background, small random offset
 
 Defects (`DEFECTS`): scratch (thin bright/dark polyline), hole (near-black ellipse), stain
-(brownish blob made of overlapping ellipses, alpha-blended), color (region with a strong colour /
+(blob of overlapping ellipses, a foreign colour alpha-blended with mottled opacity;
+near-black on the gray texture), color (region with a strong colour /
 brightness shift that keeps the underlying texture). Each defect is drawn into a binary mask first
 (aliasing off) and then only the masked pixels are modified, so the mask is exact: a pixel differs
 from the defect-free rendering iff it is in the mask (up to the rare case where the modified value
@@ -41,6 +42,9 @@ KINDS = ("texture", "fabric", "stripe", "object")
 DEFECTS = ("scratch", "hole", "stain", "color")
 GRAY_KINDS = ("texture",)
 _MARKER = ".synthetic.json"
+# stain colour per class: far from the surface colour and, for the object, off the
+# object-background colour axis (so it is not just a shade of an edge)
+_STAIN_RGB = {"texture": (25, 25, 25), "fabric": (80, 50, 20), "stripe": (80, 50, 20), "object": (150, 190, 230)}
 _SPLIT_CODES = {"train": 0, "test_good": 1, "test_defect": 2}
 
 
@@ -166,7 +170,8 @@ def _defect_mask(kind: str, rng, size, region) -> np.ndarray:
     return m.astype(bool)
 
 
-def _apply_defect(img: np.ndarray, defect: str, mask: np.ndarray, rng, gray: bool) -> None:
+def _apply_defect(img: np.ndarray, defect: str, mask: np.ndarray, rng, kind: str) -> None:
+    gray = kind in GRAY_KINDS
     if defect == "scratch":
         level = float(img[mask].mean())
         val = 250.0 if level < 140 else 15.0
@@ -174,8 +179,14 @@ def _apply_defect(img: np.ndarray, defect: str, mask: np.ndarray, rng, gray: boo
     elif defect == "hole":
         img[mask] = 12.0 + 3.0 * rng.standard_normal((int(mask.sum()), 1))
     elif defect == "stain":
-        stain = np.array([60.0, 60.0, 60.0] if gray else [110.0, 70.0, 25.0], np.float32)
-        img[mask] = 0.35 * img[mask] + 0.65 * stain[None, :]
+        # a dark blob whose colour differs from the surface's (gray: near-black and flat)
+        stain = np.array(_STAIN_RGB[kind], np.float32)
+        if kind in GRAY_KINDS:
+            alpha = 0.9
+        else:  # mottled: the opacity varies inside the blob (alpha in [0.45, 0.95])
+            blot = _smooth_noise(rng, img.shape[0], 1.5)[mask]
+            alpha = (0.7 + 0.25 * np.clip(blot / 2.0, -1.0, 1.0))[:, None]
+        img[mask] = (1.0 - alpha) * img[mask] + alpha * stain[None, :]
     elif defect == "color":
         if gray:
             level = float(img[mask].mean())
@@ -214,7 +225,7 @@ def render_sample(kind: str, size: int = 128, rng: Optional[np.random.Generator]
     mask = np.zeros((size, size), bool)
     if defect is not None:
         mask = _defect_mask(defect, rng, size, region)
-        _apply_defect(img, defect, mask, rng, gray=kind in GRAY_KINDS)
+        _apply_defect(img, defect, mask, rng, kind)
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return out, mask.astype(np.uint8)
 
