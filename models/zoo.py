@@ -1,2 +1,3 @@
 """Imports every model family so that each registers itself. Add new families here."""
 from . import dvad  # noqa: F401
+from . import padim  # noqa: F401
