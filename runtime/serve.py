@@ -1,0 +1,401 @@
+"""Serve an exported artifact on NVIDIA Triton Inference Server through PyTriton.
+
+    python -m runtime.serve --engine model.onnx [--host 127.0.0.1] [--http-port 8000]
+        [--grpc-port 8001] [--metrics-port 8002] [--max-batch 8] [--model-name edge_ad]
+
+PyTriton starts a real `tritonserver` child process (HTTP, gRPC, metrics, dynamic batching);
+requests are batched by Triton and handed to this process's engine. The wire contract:
+
+    input   frames            UINT8  (-1, H, W, C)   raw camera frames, NHWC (batch first)
+    outputs anomaly_map       FP32   (-1, 1, S, S)
+            score             FP32   (-1, 1)         raw anomaly score
+            normalized_score  FP32   (-1, 1)         0.5 = the artifact's threshold
+            verdict           BOOL   (-1, 1)         normalized_score >= 0.5 (or score >= --threshold)
+            [anomaly_map_full FP32   (-1, 1, H, W)]  when the artifact has it
+
+A companion model `<model-name>_metadata` (no input batching) returns the artifact's metadata
+JSON (output `edge_ad`, BYTES), so remote clients (`runtime.remote.RemoteEngine`) know the
+frame shape, class names and score statistics.
+
+Servers bind 127.0.0.1 unless told otherwise. SIGTERM / SIGINT stop the server cleanly: the
+`tritonserver` child and its Python-backend stubs are stopped before this process exits (and
+PyTriton sets PR_SET_PDEATHSIG on the child, so even a hard kill of this process takes it down).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import sysconfig
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+LOG = logging.getLogger("runtime.serve")
+
+DEFAULT_MODEL_NAME = "edge_ad"
+INPUT_NAME = "frames"
+CONTRACT_OUTPUTS = ("anomaly_map", "score", "normalized_score")
+FULL_MAP = "anomaly_map_full"
+VERDICT = "verdict"
+METADATA_SUFFIX = "_metadata"
+METADATA_OUTPUT = "edge_ad"
+
+try:  # optional: the `serve` extra
+    from pytriton.decorators import batch as _pytriton_batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+except ImportError:  # pragma: no cover - exercised only without the extra
+    Triton = None
+
+
+class ServeError(RuntimeError):
+    """A user-facing serving problem (bad artifact, missing package, bad option)."""
+
+
+def _require_pytriton():
+    if Triton is None:
+        raise ServeError("runtime.serve needs PyTriton: pip install 'edge-ad[serve]' "
+                         "(nvidia-pytriton bundles Triton Inference Server; Linux x86-64/aarch64, glibc >= 2.35)")
+
+
+# ---- engine loading (swappable: runtime.engines when it provides a loader) ------------------
+class OnnxRuntimeEngine:
+    """Minimal ONNX Runtime engine for the deployed-artifact contract (frames uint8 NHWC in,
+    anomaly_map / score / normalized_score out). Used when `runtime.engines` offers no loader."""
+
+    def __init__(self, path, providers: Optional[Sequence[str]] = None, threads: int = 0):
+        import onnxruntime as ort
+
+        self.path = pathlib.Path(path)
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), so,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:  # ORT's messages are long; keep the first line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ServeError(f"{self.path}: ONNX Runtime cannot load it: {first}") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+            raise ServeError(f"{self.path}: expected one input named {INPUT_NAME!r} (uint8 NHWC frames), "
+                             f"got {[i.name for i in inputs]}")
+        self.input_name = inputs[0].name
+        self.input_shape = tuple(d if isinstance(d, int) else -1 for d in inputs[0].shape)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in CONTRACT_OUTPUTS if n not in self.output_names]
+        if missing:
+            raise ServeError(f"{self.path}: outputs {missing} missing (has {self.output_names})")
+        self.output_shapes = {o.name: tuple(d if isinstance(d, int) else -1 for d in o.shape)
+                              for o in self.session.get_outputs()}
+        self.meta = _read_metadata(self.path, self.session)
+
+    def infer(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4:
+            raise ValueError(f"frames: expected uint8 (B, H, W, C), got {frames.dtype} {frames.shape}")
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(frames)})
+        return dict(zip(self.output_names, outs))
+
+
+def _read_metadata(path: pathlib.Path, session=None) -> dict:
+    try:
+        from export.artifacts import read_metadata
+    except ImportError:
+        read_metadata = None
+    if read_metadata is not None:
+        return read_metadata(path)
+    sidecar = path.with_name(path.name + ".json")
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    if session is not None:
+        raw = session.get_modelmeta().custom_metadata_map.get("edge_ad")
+        if raw:
+            return json.loads(raw)
+    return {}
+
+
+def open_engine(path, backend: Optional[str] = None, threads: int = 0):
+    """Load any exported artifact as an engine (`infer(frames) -> dict`, `.meta`).
+
+    Goes through `runtime.engines.load_engine` (every backend: ONNX Runtime, TensorRT,
+    AOTInductor, checkpoint). Only while the metadata reader `export.artifacts` is absent from
+    the tree, an .onnx file is served through ONNX Runtime directly (`OnnxRuntimeEngine`)."""
+    import importlib.util
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ServeError(f"{path}: artifact not found")
+    try:
+        from runtime.engines import load_engine
+    except ImportError:
+        load_engine = None
+    try:
+        have_artifacts = importlib.util.find_spec("export.artifacts") is not None
+    except ImportError:
+        have_artifacts = False
+    if load_engine is not None and (have_artifacts or path.suffix.lower() != ".onnx"):
+        return load_engine(path, backend=backend, threads=threads)
+    if path.suffix.lower() != ".onnx":
+        raise ServeError(f"{path}: only .onnx artifacts can be served without runtime.engines")
+    return OnnxRuntimeEngine(path, threads=threads)
+
+
+# ---- the served model's I/O ------------------------------------------------------------------
+def _dims(shape, n: int) -> Tuple[int, ...]:
+    shape = tuple(shape or ())
+    if len(shape) != n:
+        return (-1,) * n
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and int(d) > 0 else -1 for d in shape)
+
+
+def frame_shape(engine) -> Tuple[int, int, int]:
+    """(H, W, C) of one input frame; -1 where the artifact leaves it open."""
+    hw = getattr(engine, "frame_hw", None)
+    ch = getattr(engine, "frame_channels", None)
+    exp = (getattr(engine, "meta", None) or {}).get("export") or {}
+    hw = hw or exp.get("frame_hw")
+    ch = ch or exp.get("frame_channels")
+    if not hw or not ch:
+        shape = getattr(engine, "input_shape", None)
+        if shape and len(shape) == 4:
+            d = _dims(shape[1:], 3)
+            hw, ch = hw or (d[0], d[1]), ch or d[2]
+    hw = hw or (-1, -1)
+    return int(hw[0]), int(hw[1]), int(ch or -1)
+
+
+def output_spec(engine) -> List[Tuple[str, type, Tuple[int, ...]]]:
+    """(name, numpy dtype, per-sample shape) for every served output."""
+    meta = getattr(engine, "meta", None) or {}
+    names = list(getattr(engine, "output_names", None) or (meta.get("export") or {}).get("outputs")
+                 or CONTRACT_OUTPUTS)
+    shapes = getattr(engine, "output_shapes", None) or {}
+    s = (meta.get("preprocess") or {}).get("input_size")
+    if "anomaly_map" in shapes:
+        amap = _dims(shapes["anomaly_map"][1:], 3)
+    else:
+        amap = (1, int(s), int(s)) if s else (1, -1, -1)
+    spec = [("anomaly_map", np.float32, amap), ("score", np.float32, (1,)),
+            ("normalized_score", np.float32, (1,)), (VERDICT, np.bool_, (1,))]
+    if FULL_MAP in names:
+        h, w, _ = frame_shape(engine)
+        spec.append((FULL_MAP, np.float32, (1, h, w)))
+    return spec
+
+
+def make_infer_fn(engine, threshold: Optional[float] = None) -> Callable:
+    """Batched inference callable: frames (B, H, W, C) uint8 -> the served outputs.
+
+    verdict = normalized_score >= 0.5 (the artifact's threshold) or score >= `threshold`."""
+    want_full = any(n == FULL_MAP for n, _, _ in output_spec(engine))
+
+    def infer(frames: np.ndarray) -> Dict[str, np.ndarray]:
+        out = engine.infer(frames)
+        b = frames.shape[0]
+        score = np.asarray(out["score"], dtype=np.float32).reshape(b, 1)
+        norm = np.asarray(out["normalized_score"], dtype=np.float32).reshape(b, 1)
+        verdict = (score >= threshold) if threshold is not None else (norm >= 0.5)
+        res = {"anomaly_map": np.asarray(out["anomaly_map"], dtype=np.float32),
+               "score": score, "normalized_score": norm, VERDICT: verdict}
+        if want_full:
+            res[FULL_MAP] = np.asarray(out[FULL_MAP], dtype=np.float32)
+        return res
+
+    return infer
+
+
+# ---- server ----------------------------------------------------------------------------------
+@dataclass
+class ServeConfig:
+    engine: str
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = 8
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    model_name: str = DEFAULT_MODEL_NAME
+    threshold: Optional[float] = None
+    backend: Optional[str] = None
+    threads: int = 0
+    verbose: bool = False
+
+    def validate(self) -> "ServeConfig":
+        for f in ("http_port", "grpc_port", "metrics_port"):
+            v = getattr(self, f)
+            if not 0 < int(v) < 65536:
+                raise ServeError(f"{f}: expected a TCP port 1-65535, got {v}")
+        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
+            raise ServeError("http_port, grpc_port and metrics_port must differ")
+        if int(self.max_batch) < 1:
+            raise ServeError(f"max_batch: expected >= 1, got {self.max_batch}")
+        if int(self.instances) < 1:
+            raise ServeError(f"instances: expected >= 1, got {self.instances}")
+        if int(self.max_queue_delay_us) < 0:
+            raise ServeError(f"max_queue_delay_us: expected >= 0, got {self.max_queue_delay_us}")
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.model_name or ""):
+            raise ServeError(f"model_name: letters, digits, '.', '_', '-' only, got {self.model_name!r}")
+        return self
+
+
+def ensure_python_libdir_on_ld_path() -> None:
+    """The bundled Python-backend stub links libpython; make the running interpreter's copy
+    findable by the `tritonserver` child (a no-op when it already is)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if not libdir or not os.path.isdir(libdir):
+        return
+    parts = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if libdir not in parts:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir] + parts)
+
+
+class Server:
+    """A running Triton server for one engine (context manager; `start()` returns when ready)."""
+
+    def __init__(self, engine, config: ServeConfig):
+        _require_pytriton()
+        self.engine = engine
+        self.config = config.validate()
+        self._triton = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://{self.config.host}:{self.config.grpc_port}"
+
+    def start(self) -> "Server":
+        c = self.config
+        ensure_python_libdir_on_ld_path()
+        tc = TritonConfig(http_address=c.host, http_port=c.http_port, grpc_address=c.host,
+                          grpc_port=c.grpc_port, metrics_address=c.host, metrics_port=c.metrics_port,
+                          log_verbose=1 if c.verbose else 0)
+        self._triton = Triton(config=tc)
+        infer = make_infer_fn(self.engine, c.threshold)
+        h, w, ch = frame_shape(self.engine)
+        fns = [_pytriton_batch(infer) for _ in range(int(c.instances))]
+        self._triton.bind(
+            model_name=c.model_name,
+            infer_func=fns if len(fns) > 1 else fns[0],
+            inputs=[Tensor(name=INPUT_NAME, dtype=np.uint8, shape=(h, w, ch))],
+            outputs=[Tensor(name=n, dtype=dt, shape=shape) for n, dt, shape in output_spec(self.engine)],
+            config=ModelConfig(max_batch_size=int(c.max_batch),
+                               batcher=DynamicBatcher(max_queue_delay_microseconds=int(c.max_queue_delay_us))),
+            strict=True,
+        )
+        meta_blob = json.dumps(getattr(self.engine, "meta", None) or {}).encode()
+
+        def metadata(requests):  # unbatched PyTriton callable: one response per request
+            return [{METADATA_OUTPUT: np.array([meta_blob], dtype=np.object_)} for _ in requests]
+
+        self._triton.bind(
+            model_name=c.model_name + METADATA_SUFFIX, infer_func=metadata,
+            inputs=[Tensor(name="request", dtype=np.int32, shape=(1,), optional=True)],
+            outputs=[Tensor(name=METADATA_OUTPUT, dtype=np.bytes_, shape=(1,))],
+            config=ModelConfig(batching=False),
+        )
+        try:
+            self._triton.run()
+        except Exception:
+            self.stop()
+            raise
+        LOG.info("serving %s as model %r: HTTP %s, gRPC %s (max batch %d, dynamic batching)",
+                 c.engine, c.model_name, self.http_url, self.grpc_url, c.max_batch)
+        return self
+
+    def is_alive(self) -> bool:
+        return self._triton is not None and self._triton.is_alive()
+
+    def stop(self) -> None:
+        if self._triton is not None:
+            self._triton.stop()
+            self._triton = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def serve(config: ServeConfig, stop_event: Optional[threading.Event] = None, poll_s: float = 1.0) -> int:
+    """Load the artifact, serve it until SIGTERM/SIGINT (or `stop_event`), stop cleanly."""
+    config.validate()
+    _require_pytriton()
+    engine = open_engine(config.engine, backend=config.backend, threads=config.threads)
+    stop = stop_event or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
+    try:
+        with Server(engine, config) as server:
+            print(f"runtime.serve: model {config.model_name!r} ready on {server.http_url} and "
+                  f"{server.grpc_url}", file=sys.stderr, flush=True)
+            while not stop.wait(poll_s):
+                if not server.is_alive():
+                    LOG.error("Triton server or model proxy died; stopping")
+                    return 1
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", required=True, help="exported artifact (model.onnx, model.engine, model.pt2, ...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch Triton forms (dynamic batching)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000,
+                   help="how long Triton may hold a request to grow a batch")
+    p.add_argument("--instances", type=int, default=1, help="model instances (parallel executions)")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="raw-score threshold for `verdict` (default: the artifact's, normalized_score >= 0.5)")
+    p.add_argument("--backend", default=None,
+                   help="engine backend (runtime.engines: ort-cpu, ort-cuda, ort-trt, tensorrt, aoti, torch; default auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = library default)")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("pytriton").setLevel(logging.WARNING)
+    cfg = ServeConfig(engine=args.engine, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                      metrics_port=args.metrics_port, max_batch=args.max_batch,
+                      max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
+                      model_name=args.model_name, threshold=args.threshold, backend=args.backend,
+                      threads=args.threads, verbose=args.verbose)
+    try:
+        return serve(cfg)
+    except (ServeError, ValueError, FileNotFoundError) as e:
+        print(f"runtime.serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
