@@ -9,11 +9,36 @@ consecutive ones); D, delta_bias: (D,).
 
 Lowerings, each checked against `selective_scan_ref` (the slow sequential oracle, tests only):
 - `selective_scan_chunked`: standard ops only (CPU path, ONNX / torch.export lowering).
+- `_selective_scan_fwd`: Triton forward kernel (CUDA path).
+- `kernels.onnx_plugin.selective_scan_plugin`: one custom ONNX node (TensorRT plugin).
+The public `selective_scan` is the registered op `edgead::selective_scan` (fake impl +
+autograd; analytic backward in standard ops: a reverse chunked scan).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+from .lowering import resolve_lowering
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional on CPU-only installs
+    triton = None
+    tl = None
+
+
+def _acc_dtype(dtype):
+    """Accumulation dtype: fp32 state (fp64 for fp64 inputs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    y, h = selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+    return y, h.contiguous()
+
 
 # ---------------------------------------------------------------------------------------------
 # Chunked lowering in standard ops (CPU implementation and what ONNX / torch.export trace).
@@ -92,11 +117,185 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return y
 
 
+def _selective_scan_bwd_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_y,
+                                grad_h, chunk=CHUNK):
+    """Analytic backward of `selective_scan_chunked` in standard ops: the state gradient is the
+    same chunked scan run backwards (reverse time, decays shifted by one step).
+    Returns grads for (u, delta, A, B, C, D, z, delta_bias); None for absent inputs."""
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    groups = B.shape[1]
+    dg = dim // groups
+    acc = _acc_dtype(u.dtype)
+    u32 = u.to(acc)
+    pre = delta.to(acc)
+    if delta_bias is not None:
+        pre = pre + delta_bias.to(acc)[:, None]
+    dl = F.softplus(pre) if delta_softplus else pre
+    a5 = A.to(acc).reshape(1, groups, dg, n, 1)
+    d5 = dl.reshape(batch, groups, dg, 1, length)
+    u5 = u32.reshape(batch, groups, dg, 1, length)
+    b5 = B.to(acc).reshape(batch, groups, 1, n, length)
+    c5 = C.to(acc).reshape(batch, groups, 1, n, length)
+    g = torch.exp(d5 * a5)
+    h = _scan_chunked(g, (d5 * u5) * b5, chunk)
+    y = (h * c5).sum(3).reshape(batch, dim, length)
+    if D is not None:
+        y = y + u32 * D.to(acc)[:, None]
+
+    gy = grad_y.to(acc)
+    grads = dict.fromkeys(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    if z is not None:
+        z32 = z.to(acc)
+        sig = torch.sigmoid(z32)
+        grads["z"] = (gy * y * (sig * (1 + z32 * (1 - sig)))).to(z.dtype)
+        gy = gy * (z32 * sig)
+    gu = gy * D.to(acc)[:, None] if D is not None else torch.zeros_like(u32)
+    if D is not None:
+        grads["D"] = (gy * u32).sum((0, 2)).to(D.dtype)
+    gy5 = gy.reshape(batch, groups, dg, 1, length)
+    grads["C"] = (gy5 * h).sum(2).to(C.dtype)
+    # dL/dh_l = C_l gy_l + g_{l+1} dL/dh_{l+1} (+ grad of the returned last state at l = L-1)
+    src = c5 * gy5
+    src = torch.cat([src[..., :-1], src[..., -1:] + grad_h.to(acc).reshape(batch, groups, dg, n, 1)], -1)
+    g_next = F.pad(g[..., 1:], (0, 1), value=1.0)
+    gh = _scan_chunked(g_next.flip(-1), src.flip(-1), chunk).flip(-1)
+    h_prev = F.pad(h[..., :-1], (1, 0))
+    ga = gh * h_prev * g                                # grad wrt delta * A (pre-exp)
+    gx = gh                                             # grad wrt x = delta * B * u
+    grads["B"] = (gx * d5 * u5).sum(2).to(B.dtype)
+    gu = gu + ((gx * b5).sum(3) * d5[..., 0, :]).reshape(batch, dim, length)
+    g_dl = ((gx * b5).sum(3) * u5[..., 0, :] + (ga * a5).sum(3)).reshape(batch, dim, length)
+    grads["A"] = (ga * d5).sum((0, 4)).reshape(dim, n).to(A.dtype)
+    grads["u"] = gu.to(u.dtype)
+    g_pre = g_dl * torch.sigmoid(pre) if delta_softplus else g_dl
+    grads["delta"] = g_pre.to(delta.dtype)
+    if delta_bias is not None:
+        grads["delta_bias"] = g_pre.sum((0, 2)).to(delta_bias.dtype)
+    return [grads[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered op: one node for torch.compile / torch.export; CUDA -> Triton, CPU -> chunked.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("edgead::selective_scan", mutates_args=())
+def _selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                       delta_bias: Optional[torch.Tensor],
+                       delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+    return y, h.contiguous()
+
+
+@_selective_scan_op.register_kernel("cuda")
+def _selective_scan_op_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    if triton is None:
+        y, h = selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+        return y, h.contiguous()
+    return _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_selective_scan_op.register_fake
+def _selective_scan_op_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    batch, dim, _ = u.shape
+    return u.new_empty(u.shape), u.new_empty((batch, dim, A.shape[1]), dtype=_acc_dtype(u.dtype))
+
+
+@torch.library.custom_op("edgead::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                           B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
+                           z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                           delta_softplus: bool, grad_y: torch.Tensor,
+                           grad_h: torch.Tensor) -> list[torch.Tensor]:
+    """Backward in standard ops (recomputes the forward states)."""
+    grads = _selective_scan_bwd_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        grad_y, grad_h)
+    return [g.contiguous() if g is not None else u.new_empty(0) for g in grads]
+
+
+@_selective_scan_bwd_op.register_fake
+def _selective_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_y, grad_h):
+    return [t.new_empty(t.shape) if t is not None else u.new_empty(0)
+            for t in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.has = [t is not None for t in (D, z, delta_bias)]
+    ctx.delta_softplus = delta_softplus
+    ctx.save_for_backward(u, delta, A, B, C, *[t for t in (D, z, delta_bias) if t is not None])
+
+
+def _backward(ctx, grad_y, grad_h):
+    saved = list(ctx.saved_tensors)
+    u, delta, A, B, C = saved[:5]
+    rest = iter(saved[5:])
+    D, z, delta_bias = [next(rest) if has else None for has in ctx.has]
+    if grad_y is None:
+        grad_y = torch.zeros_like(u)
+    if grad_h is None:
+        grad_h = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=_acc_dtype(u.dtype))
+    grads = torch.ops.edgead.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias,
+                                                ctx.delta_softplus, grad_y.contiguous(),
+                                                grad_h.contiguous())
+    grads = [g if t is not None else None
+             for g, t in zip(grads, (u, delta, A, B, C, D, z, delta_bias))]
+    return (*grads, None)
+
+
+_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public op
+# ---------------------------------------------------------------------------------------------
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    def bad(name, t, want):
+        raise ValueError(f"selective_scan: {name} must be {want}, got "
+                         f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+
+    if not torch.is_tensor(u) or u.dim() != 3:
+        bad("u", u, "(B, D, L)")
+    batch, dim, length = u.shape
+    if not torch.is_tensor(delta) or tuple(delta.shape) != (batch, dim, length):
+        bad("delta", delta, f"(B, D, L) = {(batch, dim, length)}")
+    if not torch.is_tensor(A) or A.dim() != 2 or A.shape[0] != dim:
+        bad("A", A, f"(D, N) with D = {dim}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if (not torch.is_tensor(t) or t.dim() != 4 or t.shape[0] != batch or t.shape[2] != n
+                or t.shape[3] != length or t.shape[1] < 1 or dim % t.shape[1]):
+            bad(name, t, f"(B, G, N, L) = ({batch}, G, {n}, {length}) with G dividing D = {dim}")
+    if B.shape[1] != C.shape[1]:
+        raise ValueError(f"selective_scan: B and C must have the same number of groups, got "
+                         f"{B.shape[1]} and {C.shape[1]}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != (dim,)):
+            bad(name, t, f"(D,) = ({dim},) or None")
+    if z is not None and (not torch.is_tensor(z) or tuple(z.shape) != (batch, dim, length)):
+        bad("z", z, f"(B, D, L) = {(batch, dim, length)} or None")
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, return_last_state=False):
-    """Public op: returns y (B, D, L) [, last state (B, D, N) fp32]. Differentiable."""
-    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                  return_last_state)
+    """Selective scan with mamba-ssm's semantics; returns y (B, D, L) in u's dtype
+    [, last state (B, D, N) in fp32]. Differentiable.
+
+    Runs the registered op `edgead::selective_scan` (Triton on CUDA, chunked standard ops on
+    CPU); while exporting, or under `kernels.export_mode(...)`, traces the lowering that mode
+    asks for (see `kernels.lowering`)."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    lowering = resolve_lowering()
+    if lowering == "chunked":
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                      return_last_state)
+    if lowering == "plugin":
+        from .onnx_plugin import selective_scan_plugin
+        return selective_scan_plugin(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                     return_last_state)
+    y, h = torch.ops.edgead.selective_scan(u, delta, A, B, C, D, z, delta_bias,
+                                           bool(delta_softplus))
+    return (y, h) if return_last_state else y
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,

@@ -56,7 +56,7 @@ def test_half_inputs_fp32_state(dtype):
     assert _rel_err(h, h_ref) <= 1e-5
 
 
-@pytest.mark.parametrize("flags", FLAGS[:2], ids=["all", "plain"])
+@pytest.mark.parametrize("flags", FLAGS, ids=["all", "plain", "D-bias", "z-softplus"])
 def test_gradients_match_reference(flags):
     kw = make_scan_inputs(2, 6, 23, 4, 2, seed=11, **flags)
     names = [k for k, v in kw.items() if torch.is_tensor(v)]
