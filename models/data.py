@@ -116,17 +116,29 @@ def _mask_for(cdir: pathlib.Path, defect: str, img: pathlib.Path) -> pathlib.Pat
     raise DataError(f"{img}: defect image has no mask; expected {gt / (img.stem + MASK_SUFFIXES[0])}")
 
 
-def scan_mvtec(root, classes=None, split: str = "train") -> Tuple[List[Sample], List[str]]:
+def scan_mvtec(root, classes=None, split: str = "train", id_names: Optional[Sequence[str]] = None
+               ) -> Tuple[List[Sample], List[str]]:
     """List the samples of `split` ("train" = train/good, "test" = test/*) for the selected classes.
 
     Returns (samples, class_names); `classes` is None (all), a list or a comma-separated string.
+    class_id = position in class_names = the sorted selection. With `id_names` (e.g. a trained
+    model's `class_names`) the ids are positions in `id_names` instead, class_names is returned as
+    `list(id_names)`, and a selected class missing from `id_names` is a DataError: use it to score a
+    subset of the classes a multi-class model was trained on.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     parent, available = find_classes(root)
     names = _select(pathlib.Path(root), available, classes)
+    if id_names is not None:
+        id_names = [str(n) for n in id_names]
+        missing = [n for n in names if n not in id_names]
+        if missing:
+            raise DataError(f"{root}: class(es) {', '.join(missing)} not among the model's classes "
+                            f"({', '.join(id_names)})")
     samples: List[Sample] = []
-    for cid, name in enumerate(names):
+    for name in names:
+        cid = names.index(name) if id_names is None else id_names.index(name)
         cdir = parent / name
         if split == "train":
             if not (cdir / "train" / "good").is_dir():
@@ -147,7 +159,7 @@ def scan_mvtec(root, classes=None, split: str = "train") -> Tuple[List[Sample], 
                         samples.append(Sample(p, name, cid, "good", 0, None))
                     else:
                         samples.append(Sample(p, name, cid, t, 1, _mask_for(cdir, t, p)))
-    return samples, names
+    return samples, (names if id_names is None else id_names)
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,19 +297,22 @@ def split_val(samples: Sequence[Sample], val_fraction: float = 0.1, seed: int = 
 
 
 def make_datasets(root, classes=None, preprocess: Optional[PreprocessConfig] = None,
-                  val_fraction: float = 0.1, seed: int = 0, require_test: bool = True):
+                  val_fraction: float = 0.1, seed: int = 0, require_test: bool = True,
+                  id_names: Optional[Sequence[str]] = None):
     """(train_ds, val_ds, test_ds, class_names). val = held-out slice of train/good (module doc).
 
-    With `require_test=False` a dataset without test/ folders gives test_ds = None.
+    With `require_test=False` a dataset without test/ folders gives test_ds = None. `id_names`: as
+    in `scan_mvtec`.
     """
     pp = preprocess or PreprocessConfig()
-    train_s, names = scan_mvtec(root, classes, "train")
+    train_s, names = scan_mvtec(root, classes, "train", id_names)
+    selected = sorted({s.class_name for s in train_s})
     train_s, val_s = split_val(train_s, val_fraction, seed)
     try:
-        test_s, _ = scan_mvtec(root, names, "test")
+        test_s, _ = scan_mvtec(root, selected, "test", id_names)
     except DataError:
         parent, _ = find_classes(root)
-        if require_test or any((parent / n / "test").exists() for n in names):
+        if require_test or any((parent / n / "test").exists() for n in selected):
             raise
         test_s = None
     kw = dict(input_size=pp.input_size, channels=pp.channels, mean=pp.mean, std=pp.std, class_names=names)

@@ -63,6 +63,19 @@ def test_scan_multiclass_and_selection(synth):
             assert s.defect_type == "good" and s.mask_path is None
 
 
+def test_ids_from_a_models_class_names(synth):
+    model_names = ["texture", "carpet", "object", "fabric"]          # a model's own order
+    test, names = scan_mvtec(synth, classes="object", split="test", id_names=model_names)
+    assert names == model_names and {s.class_id for s in test} == {2}
+    tr, va, te, names2 = make_datasets(synth, "texture,fabric", val_fraction=0.2, id_names=model_names)
+    assert names2 == model_names
+    for ds in (tr, va, te):
+        assert {s.class_id for s in ds.samples} == {0, 3}
+        assert all(model_names[s.class_id] == s.class_name for s in ds.samples)
+    with pytest.raises(DataError, match="fabric not among the model's classes"):
+        scan_mvtec(synth, split="test", id_names=["object", "texture"])
+
+
 def test_single_class_root(synth):
     samples, names = scan_mvtec(synth / "object", split="test")
     assert names == ["object"] and len(samples) == 7 and sum(s.label for s in samples) == 4
