@@ -181,11 +181,12 @@ class SinkRunner:
                 continue
         self.dropped_events += 1
 
-    def offer_preview(self, pipe) -> None:
+    def offer_preview(self, pipe, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last_preview < self.preview_every_s or not any(isinstance(s, PreviewSink) for s in self.sinks):
+        if not any(isinstance(s, PreviewSink) for s in self.sinks):
             return
-        self._last_preview = now
+        if not force and now - self._last_preview < self.preview_every_s:
+            return
         st = pipe.stitcher
         n = min(self.preview_rows, st.preview.shape[0])
         if n == 0:
@@ -197,7 +198,8 @@ class SinkRunner:
         rec = {"type": "preview", "image": img.copy(), "map": st.preview[-n:].copy(),
                "threshold": pipe.pixel_threshold}
         try:
-            self.q.put_nowait(rec)
+            self.q.put(rec, timeout=1.0) if force else self.q.put_nowait(rec)
+            self._last_preview = now
         except queue.Full:
             self.dropped_previews += 1
 

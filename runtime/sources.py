@@ -896,6 +896,10 @@ class PylonSource(Source):
             if p.get("images"):
                 cam.ImageFilename.SetValue(str(pathlib.Path(unquote(p["images"])).resolve()))
                 cam.ImageFileMode.SetValue("On")
+                try:   # the emulator's test pattern would otherwise win over the files
+                    cam.TestImageSelector.SetValue("Off")
+                except Exception:
+                    pass
             rate = _num(p, "rate", uri, 0.0, float, 0.0)
             if rate:
                 fr = rate / cam.Height.GetValue() if self.mode == "line" else rate

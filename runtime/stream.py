@@ -88,6 +88,7 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
     finally:
         summary = pipe.finish()
         if runner is not None:
+            runner.offer_preview(pipe, force=True)
             runner.close()
             summary["sinks"] = {"dropped_previews": runner.dropped_previews,
                                 "dropped_events": runner.dropped_events}

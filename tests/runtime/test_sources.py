@@ -1,0 +1,182 @@
+"""Sources: the line simulator against its own ground truth, OpenCV folders/videos against the
+files, and the real camera stacks (Aravis fake GigE camera on 127.0.0.1, pylon emulation, the
+GenTL simulator) - each skipped cleanly when its package is not installed."""
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime.sources import SourceError, genicam_simulator_cti, open_source
+
+
+def _collect(src, n=None):
+    out = []
+    with src:
+        for b in src:
+            out.append(b)
+            if n is not None and len(out) >= n:
+                break
+    return out
+
+
+def test_linesim_strip_is_independent_of_buffering_and_defects_are_exact():
+    uri = "linesim://?width=97&rate=0&kind=texture&seed=5&page=61&defects=40:10:4;75:96:3:255"
+    a = np.concatenate([b.data for b in _collect(open_source(uri + "&lines=7&total=130"))])
+    b = np.concatenate([b.data for b in _collect(open_source(uri + "&lines=64&total=130"))])
+    assert a.shape == (130, 97) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    src = open_source(uri)
+    clean = open_source(uri.split("&defects")[0])
+    mask = src.defect_mask(0, 130)
+    # a defect pixel is painted with the defect's value; elsewhere the strip is untouched
+    ref = clean.strip_lines(0, 130)
+    assert mask.sum() > 0
+    np.testing.assert_array_equal(a[~mask], ref[~mask])
+    yy, xx = np.nonzero(mask)
+    for y, x in zip(yy, xx):
+        d = [d for d in src.defects if (y - d.line) ** 2 + (x - d.col) ** 2 <= d.radius ** 2][0]
+        assert a[y, x] == d.value
+    # independent disc count: a radius-4 disc has 49 pixels, the radius-3 one clipped at the edge
+    assert mask[30:50].sum() == sum((i * i + j * j) <= 16 for i in range(-4, 5) for j in range(-4, 5))
+
+
+def test_linesim_drops_and_corrupt_buffers_are_accounted():
+    src = open_source("linesim://?width=32&rate=0&lines=10&total=1000&drop=0.2&corrupt=0.1&seed=2")
+    bufs = _collect(src)
+    idx = [b.index for b in bufs]
+    assert idx == sorted(idx) and len(set(idx)) == len(idx)
+    got = sum(b.lines for b in bufs)
+    missing = 1000 - got
+    assert missing == src.lines_lost > 0
+    assert sum(b.lines for b in bufs if b.status == "corrupt") == src.lines_corrupt > 0
+    assert all(b.data is None for b in bufs if b.status == "corrupt")
+
+
+def test_linesim_paces_lines_at_the_rate():
+    src = open_source("linesim://?width=16&rate=4000&lines=100&total=1000")
+    with src:
+        t0 = time.monotonic()
+        n = sum(b.lines for b in src)
+        dt = time.monotonic() - t0
+    assert n + src.lines_lost == 1000
+    assert dt >= 0.2   # 1000 lines at 4 kHz cannot arrive faster than 0.25 s (minus the first buffer)
+
+
+@pytest.mark.parametrize("uri,needle", [
+    ("ftp://host/x", "unknown source scheme"),
+    ("linesim://?width=abc", "width='abc'"),
+    ("linesim://?widht=10", "unknown parameter"),
+    ("linesim://?defects=1:2", "LINE:COL:RADIUS"),
+    ("linesim://?images=/nonexistent/dir", "is not a folder"),
+    ("linesim://?format=BGR8", "format='BGR8'"),
+    ("/nonexistent/video.mp4", "no such file or folder"),
+    ("aravis://camera.local", "explicit address"),
+])
+def test_bad_uri_is_one_clear_error(uri, needle):
+    with pytest.raises(SourceError, match=None) as e:
+        open_source(uri)
+    assert needle in str(e.value)
+
+
+def test_image_folder_frames_equal_the_files(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (21, 33, 3), dtype=np.uint8) for _ in range(3)]
+    for i, im in enumerate(imgs):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    bufs = _collect(open_source(str(tmp_path)))
+    assert [b.index for b in bufs] == [0, 1, 2]
+    for b, im in zip(bufs, imgs):
+        np.testing.assert_array_equal(b.data, im)
+    gray = _collect(open_source(f"{tmp_path}?format=Mono8"))
+    np.testing.assert_array_equal(gray[1].data, cv2.cvtColor(imgs[1], cv2.COLOR_RGB2GRAY))
+
+
+def test_video_file_frames(tmp_path):
+    path = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 32))
+    if not w.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG video")
+    for i in range(5):
+        w.write(np.full((32, 48, 3), 40 * i, np.uint8))
+    w.release()
+    bufs = _collect(open_source(str(path)))
+    assert len(bufs) == 5
+    means = [float(b.data.mean()) for b in bufs]
+    assert all(abs(m - 40 * i) < 4 for i, m in enumerate(means))
+
+
+# ------------------------------------------------------------------------------------------
+# camera stacks
+# ------------------------------------------------------------------------------------------
+def _aravis():
+    try:
+        import gi
+
+        gi.require_version("Aravis", "0.8")
+        from gi.repository import Aravis
+        return Aravis
+    except (ImportError, ValueError) as e:
+        pytest.skip(f"Aravis 0.8 / PyGObject not installed ({e})")
+
+
+@pytest.fixture
+def fake_gige():
+    """Aravis' fake GigE Vision camera, in-process, on 127.0.0.1 only."""
+    Aravis = _aravis()
+    cam = Aravis.GvFakeCamera.new("127.0.0.1", "EDGEAD01")
+    if cam is None or not cam.is_running():
+        pytest.skip("Aravis fake camera could not listen on 127.0.0.1")
+    yield cam
+    del cam
+
+
+def test_aravis_fake_camera_line_mode(fake_gige):
+    src = open_source("aravis://127.0.0.1?width=320&height=16&format=Mono8&rate=16000")
+    bufs = _collect(src, 6)
+    assert src.meta.kind == "line" and (src.meta.width, src.meta.height) == (320, 16)
+    for b in bufs:
+        assert b.status == "ok" and b.data.shape == (16, 320) and b.data.dtype == np.uint8
+    idx = [b.index for b in bufs]
+    assert all(i % 16 == 0 for i in idx) and all(b > a for a, b in zip(idx, idx[1:]))
+
+
+def _pylon():
+    try:
+        import pypylon  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"pypylon not installed ({e})")
+
+
+def test_pylon_emulation_replays_images_and_reports_failed_buffers(tmp_path):
+    _pylon()
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (48, 96), dtype=np.uint8) for _ in range(3)]
+    for i, im in enumerate(imgs):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), im)
+    src = open_source(f"pylon://emu?width=96&height=48&images={tmp_path}&fail=2")
+    bufs = _collect(src, 7)
+    assert [b.status for b in bufs[:2]] == ["corrupt", "corrupt"]
+    ok = bufs[2:]
+    assert all(b.status == "ok" for b in ok)
+    # replay cycles through the files in order (the failed buffers used up images 0 and 1)
+    for k, b in enumerate(ok):
+        np.testing.assert_array_equal(b.data, imgs[(k + 2) % 3])
+
+
+def test_genicam_simulator_frames():
+    pytest.importorskip("harvesters", reason="harvesters not installed")
+    cti = genicam_simulator_cti()
+    if cti is None:
+        pytest.skip("genicam wheel with the viky.cti simulator not installed")
+    src = open_source(f"genicam://{cti}?width=128&height=100&format=Mono8")
+    bufs = _collect(src, 3)
+    assert src.meta.kind == "area" and (src.meta.width, src.meta.height) == (128, 100)
+    assert [b.index for b in bufs] == [0, 1, 2]
+    assert all(b.data.shape == (100, 128) and b.status == "ok" for b in bufs)
+
+
+def test_genicam_missing_producer_is_clear():
+    pytest.importorskip("harvesters", reason="harvesters not installed")
+    with pytest.raises(SourceError, match="not found"):
+        open_source("genicam:///nonexistent/producer.cti")
