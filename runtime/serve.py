@@ -287,15 +287,8 @@ class Server:
         infer = make_infer_fn(self.engine, c.threshold)
         h, w, ch = frame_shape(self.engine)
         fns = [_pytriton_batch(infer) for _ in range(int(c.instances))]
-        self._triton.bind(
-            model_name=c.model_name,
-            infer_func=fns if len(fns) > 1 else fns[0],
-            inputs=[Tensor(name=INPUT_NAME, dtype=np.uint8, shape=(h, w, ch))],
-            outputs=[Tensor(name=n, dtype=dt, shape=shape) for n, dt, shape in output_spec(self.engine)],
-            config=ModelConfig(max_batch_size=int(c.max_batch),
-                               batcher=DynamicBatcher(max_queue_delay_microseconds=int(c.max_queue_delay_us))),
-            strict=True,
-        )
+        # The metadata model is bound (and so loaded) first: once the main model is ready,
+        # so is its metadata.
         meta_blob = json.dumps(getattr(self.engine, "meta", None) or {}).encode()
 
         def metadata(requests):  # unbatched PyTriton callable: one response per request
@@ -306,6 +299,15 @@ class Server:
             inputs=[Tensor(name="request", dtype=np.int32, shape=(1,), optional=True)],
             outputs=[Tensor(name=METADATA_OUTPUT, dtype=np.bytes_, shape=(1,))],
             config=ModelConfig(batching=False),
+        )
+        self._triton.bind(
+            model_name=c.model_name,
+            infer_func=fns if len(fns) > 1 else fns[0],
+            inputs=[Tensor(name=INPUT_NAME, dtype=np.uint8, shape=(h, w, ch))],
+            outputs=[Tensor(name=n, dtype=dt, shape=shape) for n, dt, shape in output_spec(self.engine)],
+            config=ModelConfig(max_batch_size=int(c.max_batch),
+                               batcher=DynamicBatcher(max_queue_delay_microseconds=int(c.max_queue_delay_us))),
+            strict=True,
         )
         try:
             self._triton.run()

@@ -1,0 +1,316 @@
+"""runtime.serve end to end on loopback: a real Triton server (PyTriton's bundled tritonserver)
+started in a subprocess, queried over HTTP and gRPC by tritonclient from another process, answers
+compared with the same artifact run in-process; SIGTERM must leave no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+pytest.importorskip("pytriton", reason="nvidia-pytriton not installed (pip install 'edge-ad[serve]')")
+pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed (edge-ad[serve])")
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed (edge-ad[serve])")
+
+from runtime.serve import ServeConfig, ServeError, open_engine  # noqa: E402
+
+MAX_BATCH = 4
+START_TIMEOUT_S = 120
+
+
+# ---- helpers shared with tests/runtime/test_remote.py ---------------------------------------
+def free_ports(n: int):
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+class _TinyModel:  # built lazily (torch import) by make_artifact's development fallback
+    pass
+
+
+def make_artifact(out_dir: pathlib.Path, frame_hw=(40, 36), frame_channels=1) -> pathlib.Path:
+    """An exported ONNX artifact (uint8 NHWC frames in; anomaly_map, score, normalized_score out)."""
+    import torch
+    from torch import nn
+
+    from models.base import AnomalyModel, PreprocessConfig, ScoreStats
+    from models.deploy import DeployModule
+
+    class Tiny(AnomalyModel):
+        def __init__(self):
+            nn.Module.__init__(self)
+            self.config = None
+            self.score_stats = ScoreStats(low=0.05, threshold=0.5)
+            self.class_names = ["tile"]
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        @property
+        def preprocess(self):
+            return PreprocessConfig(input_size=32)
+
+        def forward(self, x):
+            m = self.conv(x).pow(2).mean(1, keepdim=True)
+            return m, m.amax(dim=(1, 2, 3))
+
+    torch.manual_seed(0)
+    dm = DeployModule(Tiny().eval(), frame_hw=frame_hw, frame_channels=frame_channels).eval()
+    out = pathlib.Path(out_dir) / "model.onnx"
+    names = list(dm.output_names)
+    torch.onnx.export(dm, (dm.example_frames(2),), str(out), input_names=["frames"], output_names=names,
+                      dynamic_axes={n: {0: "batch"} for n in ["frames", *names]}, dynamo=False)
+    return out
+
+
+def descendants(pid: int):
+    """[(pid, name)] of every process below `pid` (psutil, else `ps`)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return [(c.pid, c.name()) for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True).stdout
+    kids, found, frontier = {}, [], [pid]
+    for line in out.splitlines():
+        p, pp, name = line.split(None, 2)
+        kids.setdefault(int(pp), []).append((int(p), name.strip()))
+    while frontier:
+        for child in kids.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child[0])
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+class ServerProcess:
+    """`python -m runtime.serve` in a subprocess on loopback ports."""
+
+    def __init__(self, artifact, log_path, max_batch=MAX_BATCH, extra=()):
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.log_path = pathlib.Path(log_path)
+        self.log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "runtime.serve", "--engine", str(artifact),
+               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+               "--metrics-port", str(self.metrics_port), "--max-batch", str(max_batch), *extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self):
+        import tritonclient.http as httpclient
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http_port}")
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"runtime.serve exited with {self.proc.returncode}:\n{self.tail()}")
+                try:
+                    if client.is_server_ready() and client.is_model_ready("edge_ad") \
+                            and client.is_model_ready("edge_ad_metadata"):
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.5)
+        finally:
+            client.close()
+        self.terminate()
+        raise RuntimeError(f"runtime.serve not ready after {START_TIMEOUT_S} s:\n{self.tail()}")
+
+    def tail(self, n=4000):
+        self.log.flush()
+        return self.log_path.read_text()[-n:]
+
+    def terminate(self, timeout=60):
+        """SIGTERM; returns (exit code, [(pid, name)] of the server's descendants before)."""
+        kids = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log.close()
+        return code, kids
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return make_artifact(tmp_path_factory.mktemp("serve_artifact"))
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    srv = ServerProcess(artifact, tmp_path_factory.mktemp("serve_log") / "serve.log")
+    yield srv
+    if srv.proc.poll() is None:
+        srv.terminate()
+
+
+QUERY = textwrap.dedent("""
+    import sys, numpy as np
+    import tritonclient.http as httpclient, tritonclient.grpc as grpcclient
+    http_port, grpc_port, path_in, path_out = sys.argv[1:5]
+    data = np.load(path_in)
+    out = {}
+    for proto, mod, url in (("http", httpclient, f"127.0.0.1:{http_port}"), ("grpc", grpcclient, f"127.0.0.1:{grpc_port}")):
+        client = mod.InferenceServerClient(url)
+        for key in data.files:
+            x = data[key]
+            inp = mod.InferInput("frames", list(x.shape), "UINT8")
+            inp.set_data_from_numpy(x)
+            try:
+                res = client.infer("edge_ad", [inp])
+            except Exception as e:
+                out[f"{proto}/{key}/error"] = np.array(str(e))
+                continue
+            for name in ("anomaly_map", "score", "normalized_score", "verdict"):
+                out[f"{proto}/{key}/{name}"] = res.as_numpy(name)
+        client.close()
+    np.savez(path_out, **out)
+""")
+
+
+# ---- tests -----------------------------------------------------------------------------------
+def test_http_and_grpc_answers_equal_local_engine(server, artifact, tmp_path):
+    rng = np.random.default_rng(7)
+    engine = open_engine(artifact)
+    h, w = engine.frame_hw if getattr(engine, "frame_hw", None) else (40, 36)
+    ch = getattr(engine, "frame_channels", 1)
+    batches = {f"b{b}": rng.integers(0, 256, (b, h, w, ch), dtype=np.uint8) for b in (1, 3, MAX_BATCH)}
+    batches["too_big"] = rng.integers(0, 256, (MAX_BATCH + 1, h, w, ch), dtype=np.uint8)
+    batches["wrong_shape"] = rng.integers(0, 256, (1, h + 1, w, ch), dtype=np.uint8)
+    np.savez(tmp_path / "in.npz", **batches)
+    res = subprocess.run([sys.executable, "-c", QUERY, str(server.http_port), str(server.grpc_port),
+                          str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    got = dict(np.load(tmp_path / "out.npz"))
+    for proto in ("http", "grpc"):
+        for key in ("b1", "b3", f"b{MAX_BATCH}"):
+            x = batches[key]
+            ref = engine.infer(x)
+            b = x.shape[0]
+            np.testing.assert_allclose(got[f"{proto}/{key}/anomaly_map"], ref["anomaly_map"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[f"{proto}/{key}/score"].reshape(b), ref["score"].reshape(b),
+                                       rtol=1e-5, atol=1e-6)
+            norm = got[f"{proto}/{key}/normalized_score"].reshape(b)
+            np.testing.assert_allclose(norm, ref["normalized_score"].reshape(b), rtol=1e-5, atol=1e-6)
+            verdict = got[f"{proto}/{key}/verdict"].reshape(b)
+            assert verdict.dtype == np.bool_
+            np.testing.assert_array_equal(verdict, norm >= 0.5)
+        # Triton enforces the served contract with a clear message
+        assert "batch-size must be <= 4" in str(got[f"{proto}/too_big/error"])
+        assert f"{proto}/wrong_shape/error" in got
+
+
+def test_dynamic_batching_and_binding(server):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        cfg = client.get_model_config("edge_ad").config
+        assert cfg.max_batch_size == MAX_BATCH
+        assert cfg.HasField("dynamic_batching")
+        assert [i.name for i in cfg.input] == ["frames"]
+        assert cfg.input[0].data_type == grpcclient.model_config_pb2.TYPE_UINT8
+        outs = {o.name: o.data_type for o in cfg.output}
+        assert outs["verdict"] == grpcclient.model_config_pb2.TYPE_BOOL
+        assert {"anomaly_map", "score", "normalized_score"} <= set(outs)
+    finally:
+        client.close()
+    # bound to loopback only: every socket the server listens on is on 127.0.0.1
+    psutil = pytest.importorskip("psutil", reason="psutil lists listening sockets")
+    listening = []
+    for pid, _name in descendants(server.proc.pid):
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        listening += [c.laddr for c in conns if c.status == psutil.CONN_LISTEN]
+    ports = {a.port for a in listening}
+    assert {server.http_port, server.grpc_port, server.metrics_port} <= ports, listening
+    import ipaddress
+
+    def loopback(ip):
+        a = ipaddress.ip_address(ip.split("%")[0])
+        return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None and a.ipv4_mapped.is_loopback)
+
+    assert all(loopback(a.ip) for a in listening), listening
+
+
+def test_metadata_model_serves_artifact_metadata(server, artifact):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        res = client.infer("edge_ad_metadata", [])
+        meta = json.loads(res.as_numpy("edge_ad").reshape(-1)[0])
+    finally:
+        client.close()
+    assert meta == json.loads(json.dumps(open_engine(artifact).meta))
+
+
+def test_sigterm_stops_server_and_children(server):
+    kids = descendants(server.proc.pid)
+    names = [n for _, n in kids]
+    assert any("tritonserver" in n for n in names), names
+    code, _ = server.terminate()
+    assert code == 0, server.log_path.read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    left = [(p, n) for p, n in kids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = [(p, n) for p, n in kids if alive(p)]
+    assert not left, f"processes left after SIGTERM: {left}"
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    missing = tmp_path / "nope.onnx"
+    res = subprocess.run([sys.executable, "-m", "runtime.serve", "--engine", str(missing)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert str(missing) in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(ServeError, match="http_port"):
+        ServeConfig(engine="x", http_port=0).validate()
+    with pytest.raises(ServeError, match="must differ"):
+        ServeConfig(engine="x", http_port=9000, grpc_port=9000).validate()
+    with pytest.raises(ServeError, match="model_name"):
+        ServeConfig(engine="x", model_name="a b").validate()
+    assert ServeConfig(engine="x").host == "127.0.0.1"
