@@ -254,16 +254,19 @@ class Encoder(nn.Module):
             self.channels = (24, 40, 112)
             self.mean, self.std = LITE_MEAN, LITE_STD
         else:
+            sd, path = self._read_resnet_weights(name, weights) if pretrained else (None, None)
             self.net = _ResNetTrunk(name)
             self.channels = _RESNETS[name][2]
             self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-            if pretrained:
-                self._load_resnet(name, weights)
+            if sd is not None:
+                _strict_load(self.net, sd, path, name)
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
 
-    def _load_resnet(self, name, weights):
+    @staticmethod
+    def _read_resnet_weights(name, weights):
+        """(state dict without layer4/fc, path): checked before the network is built."""
         if weights:
             path = pathlib.Path(weights)
             if not path.is_file():
@@ -276,8 +279,7 @@ class Encoder(nn.Module):
                     f"with internet and copy it there (or pass encoder_weights=PATH), or use the "
                     f"offline default encoder 'efficientnet_lite0'.")
         sd = _load_state_dict_file(path, name)
-        sd = {k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))}
-        _strict_load(self.net, sd, path, name)
+        return {k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))}, path
 
     def train(self, mode: bool = True):
         # frozen: BatchNorm statistics never update, whatever the parent asks
