@@ -361,6 +361,19 @@ def compute_metrics(image_scores, image_labels, maps=None, masks=None, class_ids
     return acc.compute(class_names)
 
 
+def jsonable(obj):
+    """A copy of a metrics result with NaN / inf replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def format_table(result: dict, digits: int = 1) -> str:
     """A plain-text table in percent: one row per class, then the mean; NaN shows as '-'."""
     keys = list(ALL_KEYS)

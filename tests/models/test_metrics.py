@@ -9,7 +9,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from models.metrics import (ALL_KEYS, METRICS, PIXEL_METRICS, MetricAccumulator, compute_metrics, format_table,
-                            image_metrics)
+                            image_metrics, jsonable)
 
 
 def _sk(y, s):
@@ -232,6 +232,11 @@ def test_all_normal_class_is_nan_with_note_and_left_out_of_mean():
         assert res["mean"][k] == pytest.approx(res["per_class"]["good_cls"][k])
     table = format_table(res)
     assert "normal_only" in table and "-" in table.splitlines()[3]
+    import json
+
+    back = json.loads(json.dumps(jsonable(res), allow_nan=False))
+    assert back["per_class"]["normal_only"]["image_auroc"] is None
+    assert back["mean"]["mad"] == pytest.approx(res["mean"]["mad"])
 
 
 def test_input_validation():
