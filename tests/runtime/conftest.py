@@ -46,3 +46,10 @@ def padim_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("padim") / "model.pt"
     save_checkpoint(model, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def torch_engine(padim_checkpoint):
+    from runtime.engines import load_engine
+
+    return load_engine(padim_checkpoint, backend="torch", frame_hw=(TILE, TILE), frame_channels=1)
