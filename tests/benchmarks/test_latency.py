@@ -1,0 +1,143 @@
+"""benchmarks/latency.py: --quick on CPU gives complete rows, reasons for what did not run, the
+written files, and --compare ratios computed from the two JSONs."""
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import latency
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # padim as the benchmarked model keeps the ONNX export to seconds; dvad's takes a minute here
+    rc = latency.main(["--quick", "--model", "padim", "--size", "40", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out, json.loads((out / "latency.json").read_text())
+
+
+def test_quick_json_has_every_field_for_each_backend_it_ran(quick_run):
+    out, res = quick_run
+    assert res["schema"] == latency.SCHEMA
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    ran = {r["backend"] for r in ok}
+    assert {"torch", "padim", "ort"} <= ran          # eager reference, PaDiM reference, ORT CPU
+    for r in ok:
+        missing = [k for k in latency.ROW_FIELDS if k not in r]
+        assert not missing, (r["backend"], missing)
+        assert r["n"] == res["settings"]["reps"] and r["batch"] == 1 and r["device"] == "cpu"
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["images_per_s"] == pytest.approx(1000.0 / r["median_ms"])
+        assert r["load_s"] >= 0 and r["first_call_ms"] > 0
+        assert r["host_infer_peak_mib"] is not None and r["host_mem_method"] != "unavailable"
+        assert set(r["stages_ms"]) == set(latency.STAGES) and r["stages_ms"]["infer"] > 0
+        assert r["stages_note"]
+    by = {r["backend"]: r for r in ok}
+    assert all(by["torch"]["stages_ms"][s] is not None for s in latency.STAGES)
+    # exported graph reproduces the eager scores of the same frames
+    assert by["ort"]["score_max_abs_diff"] < 1e-3
+    assert by["torch"]["score_max_abs_diff"] == 0.0
+
+
+def test_quick_lists_what_did_not_run_with_a_reason(quick_run):
+    _, res = quick_run
+    rows = res["rows"]
+    listed = {r["backend"] for r in rows}
+    assert set(latency.BACKENDS) <= listed           # nothing silently dropped
+    for r in rows:
+        if r["status"] != "ok":
+            assert isinstance(r["reason"], str) and len(r["reason"]) > 10, r
+    by = {r["backend"]: r for r in rows}
+    assert "--device cpu" in by["ort-cuda"]["reason"] or "CUDA" in by["ort-cuda"]["reason"]
+    assert "--quick" in by["compile"]["reason"]
+    assert res["jetson"] == "not available" or "nvpmodel" in res["jetson"]
+    assert res["host"]["cpu_count"] >= 1
+
+
+def test_quick_writes_csv_png_markdown(quick_run):
+    out, res = quick_run
+    with open(out / "latency.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(res["rows"])
+    ok_csv = [r for r in rows if r["status"] == "ok"]
+    ok_json = [r for r in res["rows"] if r["status"] == "ok"]
+    for c, j in zip(ok_csv, ok_json):
+        assert float(c["median_ms"]) == pytest.approx(j["median_ms"])
+        assert float(c["stage_infer_ms"]) == pytest.approx(j["stages_ms"]["infer"])
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "latency.md").read_text()
+    assert md.count("\n| ") >= 1 + len(ok_json) and "Machine:" in md and "Command:" in md
+
+
+def _result(rows):
+    return {"schema": latency.SCHEMA, "rows": rows}
+
+
+def _row(backend, batch, median, p99, status="ok", precision="fp32", device="cpu"):
+    return {"backend": backend, "precision": precision, "batch": batch, "device": device,
+            "status": status, "median_ms": median, "p99_ms": p99,
+            "images_per_s": batch * 1000.0 / median}
+
+
+def test_compare_ratios():
+    old = _result([_row("torch", 1, 10.0, 14.0), _row("ort", 1, 4.0, 5.0), _row("ort", 8, 20.0, 30.0),
+                   _row("trt", 1, 1.0, 1.0)])
+    new = _result([_row("torch", 1, 12.5, 21.0), _row("ort", 1, 3.0, 4.5), _row("ort", 8, 20.0, 24.0),
+                   _row("aoti", 1, 2.0, 2.0), _row("trt", 1, 1.0, 1.0, status="unavailable"),
+                   _row("ort", 1, 9.0, 9.0, precision="int8")])
+    got = {(c["backend"], c["batch"]): c for c in latency.compare_results(new, old)}
+    assert set(got) == {("torch", 1), ("ort", 1), ("ort", 8)}   # unmatched / not-ok rows left out
+    assert got[("torch", 1)]["latency_ratio"] == pytest.approx(1.25)
+    assert got[("torch", 1)]["speedup"] == pytest.approx(0.8)
+    assert got[("torch", 1)]["throughput_ratio"] == pytest.approx(0.8)
+    assert got[("torch", 1)]["p99_ratio"] == pytest.approx(1.5)
+    assert got[("ort", 1)]["speedup"] == pytest.approx(4.0 / 3.0)
+    assert got[("ort", 8)]["latency_ratio"] == pytest.approx(1.0)
+    assert got[("ort", 8)]["p99_ratio"] == pytest.approx(0.8)
+
+
+def test_compare_cli_prints_ratios_against_an_earlier_run(quick_run, tmp_path):
+    out, res = quick_run
+    old = json.loads((out / "latency.json").read_text())
+    for r in old["rows"]:   # pretend the earlier run was exactly twice as slow
+        if r["status"] == "ok":
+            for k in ("median_ms", "p90_ms", "p99_ms"):
+                r[k] *= 2
+            r["images_per_s"] /= 2
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    cmp = latency.compare_results(res, old)
+    assert len(cmp) == sum(r["status"] == "ok" for r in res["rows"])
+    for c in cmp:
+        assert c["latency_ratio"] == pytest.approx(0.5) and c["speedup"] == pytest.approx(2.0)
+    # and the CLI refuses a foreign JSON with one clear message
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    p = subprocess.run([sys.executable, "benchmarks/latency.py", "--quick", "--compare", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "schema" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--backends", "torch,tpu"], "--backends"),
+    (["--batch", "1,zero"], "--batch"),
+    (["--batch", "0"], "--batch"),
+    (["--precision", "fp8"], "--precision"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_arguments_give_one_clear_error(argv, needle):
+    a = latency.parse_args(argv)
+    with pytest.raises(latency.BenchError, match=needle):
+        latency.settings_from_args(a)
+
+
+def test_bad_checkpoint_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert latency.main(["--ckpt", str(bad), "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt" in err and str(bad) in err
