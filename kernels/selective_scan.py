@@ -35,9 +35,154 @@ def _acc_dtype(dtype):
     """Accumulation dtype: fp32 state (fp64 for fp64 inputs)."""
     return torch.promote_types(dtype, torch.float32)
 
-def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    y, h = selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
-    return y, h.contiguous()
+# ---------------------------------------------------------------------------------------------
+# Triton forward kernel (CUDA path). One program per (batch, block of channels, split of L);
+# inside, L is walked in blocks of BLOCK_L with a tl.associative_scan over (decay, input)
+# pairs and the (BLOCK_D, N) state carried in registers in fp32. exp2 with log2(e) folded into
+# A; delta bias, softplus, D skip and the z gate are fused. With SPLITS > 1 (too few
+# batch x channel-block programs to fill the GPU), a first pass writes each split's total
+# decay and end state, a tiny scan over splits gives each split its initial state, and the
+# output pass starts from it.
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+    @triton.jit
+    def _scan_combine(a1, b1, a2, b2):
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _selective_scan_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr,
+        y_ptr, state_ptr, decay_ptr,
+        dim, length, n_state, dim_per_group, split_len,
+        s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
+        s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_zb, s_zd, s_zl,
+        s_yb, s_yd, s_yl,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_Y: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        n_splits = tl.num_programs(2)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_d = offs_d < dim
+        mask_n = offs_n < n_state
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        grp = offs_d // dim_per_group
+        LOG2E: tl.constexpr = 1.4426950408889634
+        A2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn,
+                     other=0.0).to(tl.float32) * LOG2E
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_D:
+            dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        # state index: ((b * n_splits + s) * dim + d) * n_state + n
+        st_offs = ((pid_b * n_splits + pid_s) * dim + offs_d[:, None]) * n_state + offs_n[None, :]
+        if HAS_INIT:
+            h = tl.load(init_ptr + st_offs, mask=mask_dn, other=0.0)
+        else:
+            h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        decay_tot = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32) + 1.0
+        l_start = pid_s * split_len
+        l_end = tl.minimum(l_start + split_len, length)
+        for l0 in range(l_start, l_end, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            mask_l = offs_l < l_end
+            mask_dl = mask_d[:, None] & mask_l[None, :]
+            u = tl.load(u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud + offs_l[None, :] * s_ul,
+                        mask=mask_dl, other=0.0).to(tl.float32)
+            dt = tl.load(delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd + offs_l[None, :] * s_dl,
+                         mask=mask_dl, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias[:, None]
+            if SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            dt = tl.where(mask_dl, dt, 0.0)  # padded steps: decay 1, input 0 (identity)
+            mask3 = mask_dn[:, :, None] & mask_l[None, None, :]
+            bc_offs = grp[:, None, None] * s_bg + offs_n[None, :, None] * s_bn + offs_l[None, None, :] * s_bl
+            Bv = tl.load(B_ptr + pid_b * s_bb + bc_offs, mask=mask3, other=0.0).to(tl.float32)
+            dA = tl.exp2(dt[:, None, :] * A2[:, :, None])
+            dBu = (dt * u)[:, None, :] * Bv
+            aa, bb = tl.associative_scan((dA, dBu), 2, _scan_combine)
+            hs = aa * h[:, :, None] + bb
+            last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :]
+            h = tl.sum(tl.where(last, hs, 0.0), axis=2)
+            decay_tot = decay_tot * tl.sum(tl.where(last, aa, 0.0), axis=2)
+            if WRITE_Y:
+                cc_offs = grp[:, None, None] * s_cg + offs_n[None, :, None] * s_cn + offs_l[None, None, :] * s_cl
+                Cv = tl.load(C_ptr + pid_b * s_cb + cc_offs, mask=mask3, other=0.0).to(tl.float32)
+                y = tl.sum(hs * Cv, axis=1)
+                if HAS_D:
+                    y = y + u * dskip[:, None]
+                if HAS_Z:
+                    zv = tl.load(z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + offs_l[None, :] * s_zl,
+                                 mask=mask_dl, other=0.0).to(tl.float32)
+                    y = y * zv * tl.sigmoid(zv)
+                tl.store(y_ptr + pid_b * s_yb + offs_d[:, None] * s_yd + offs_l[None, :] * s_yl,
+                         y.to(y_ptr.dtype.element_ty), mask=mask_dl)
+        tl.store(state_ptr + st_offs, h, mask=mask_dn)
+        if not WRITE_Y:
+            tl.store(decay_ptr + st_offs, decay_tot, mask=mask_dn)
+
+
+def _selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                        delta_softplus=False, splits=None, block_d=None, block_l=None):
+    """Launch the Triton forward; returns (y (B, D, L) in u's dtype, last state (B, D, N) fp32).
+
+    `splits` (parallel chunks of L) defaults to enough programs to fill the device."""
+    if triton is None:
+        raise ImportError("the Triton selective-scan kernel needs triton: pip install triton")
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    groups = B.shape[1]
+    block_n = triton.next_power_of_2(n)
+    if block_l is None:
+        block_l = max(16, min(32, triton.next_power_of_2(length)))
+    if block_d is None:  # keep each (BLOCK_D, N, BLOCK_L) fp32 tile at ~2K elements
+        block_d = max(1, min(triton.next_power_of_2(dim), 2048 // (block_n * block_l)))
+    d_blocks = triton.cdiv(dim, block_d)
+    if splits is None:
+        programs = batch * d_blocks
+        target = 4 * (torch.cuda.get_device_properties(u.device).multi_processor_count
+                      if u.is_cuda else 1)
+        splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(length, 4 * block_l)))
+    split_len = triton.cdiv(triton.cdiv(length, splits), block_l) * block_l
+    splits = triton.cdiv(length, split_len)
+    y = torch.empty_like(u)
+    dummy = u.new_empty(1, dtype=torch.float32)
+    opt = dict(D=D if D is not None else dummy, z=z if z is not None else u,
+               bias=delta_bias if delta_bias is not None else dummy)
+    zz = opt["z"]
+
+    def launch(init, write_y, state, decay):
+        grid = (batch, d_blocks, splits)
+        _selective_scan_fwd_kernel[grid](
+            u, delta, A, B, C, opt["D"], zz, opt["bias"], init if init is not None else dummy,
+            y, state, decay if decay is not None else dummy,
+            dim, length, n, dim // groups, split_len,
+            u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
+            A.stride(0), A.stride(1), B.stride(0), B.stride(1), B.stride(2), B.stride(3),
+            C.stride(0), C.stride(1), C.stride(2), C.stride(3), zz.stride(0), zz.stride(1), zz.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), HAS_INIT=init is not None, WRITE_Y=write_y,
+            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l)
+
+    if splits == 1:
+        state = u.new_empty((batch, 1, dim, n), dtype=torch.float32)
+        launch(None, True, state, None)
+        return y, state[:, 0]
+    ends = u.new_empty((batch, splits, dim, n), dtype=torch.float32)
+    decays = torch.empty_like(ends)
+    launch(None, False, ends, decays)
+    # state entering split s = scan over splits of (decay, end state), shifted by one
+    carried = _scan_chunked(decays.movedim(1, -1), ends.movedim(1, -1))  # (b, dim, n, splits)
+    init = F.pad(carried[..., :-1], (1, 0)).movedim(-1, 1).contiguous()
+    state = torch.empty_like(ends)
+    launch(init, True, state, None)
+    return y, state[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------
