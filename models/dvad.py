@@ -116,6 +116,14 @@ class DVADConfig(ConfigBase):
             bad("d_state/expand", ">= 1", (self.d_state, self.expand))
 
     @classmethod
+    def tiny(cls, **kw):
+        """Seconds-to-train sizes for tests (input 64)."""
+        base = dict(input_size=64, dims=(32, 16, 16, 16), depths=(1, 1, 1, 1), d_state=4,
+                    hyper_latent=8, hyper_hidden=16, hyper_rank=4, class_embed_dim=8, blur_sigma=2.0)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
     def paper(cls, **kw):
         """The paper's sizes (MambaAD decoder on ResNet-34; DVAD adds hyper + MoE)."""
         base = dict(encoder="resnet34", dims=(512, 256, 128, 64), depths=(3, 4, 6, 3), d_state=16,
