@@ -96,6 +96,13 @@ class OnnxRuntimeEngine:
         self.output_shapes = {o.name: tuple(d if isinstance(d, int) else -1 for d in o.shape)
                               for o in self.session.get_outputs()}
         self.meta = _read_metadata(self.path, self.session)
+        _, h, w, c = self.input_shape
+        exp = self.meta.get("export") or {}
+        self.frame_hw = (h, w) if h > 0 and w > 0 else (tuple(exp["frame_hw"]) if exp.get("frame_hw") else None)
+        self.frame_channels = c if c > 0 else int(exp.get("frame_channels") or 3)
+
+    def close(self) -> None:
+        pass
 
     def infer(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
         frames = np.asarray(frames)

@@ -41,22 +41,29 @@ def free_ports(n: int):
     return ports
 
 
-class _TinyModel:  # built lazily (torch import) by make_artifact's development fallback
-    pass
-
-
 def make_artifact(out_dir: pathlib.Path, frame_hw=(40, 36), frame_channels=1) -> pathlib.Path:
     """An exported ONNX artifact (uint8 NHWC frames in; anomaly_map, score, normalized_score out)."""
     import torch
     from torch import nn
 
-    from models.base import AnomalyModel, PreprocessConfig, ScoreStats
+    import dataclasses
+
+    import onnx
+
+    from export.artifacts import build_metadata, embed_onnx_metadata, write_sidecar
+    from models.base import AnomalyModel, ConfigBase, PreprocessConfig, ScoreStats
     from models.deploy import DeployModule
 
+    @dataclasses.dataclass
+    class TinyConfig(ConfigBase):
+        input_size: int = 32
+
     class Tiny(AnomalyModel):
+        model_name = "tiny_serve_test"
+
         def __init__(self):
             nn.Module.__init__(self)
-            self.config = None
+            self.config = TinyConfig()
             self.score_stats = ScoreStats(low=0.05, threshold=0.5)
             self.class_names = ["tile"]
             self.conv = nn.Conv2d(3, 4, 3, padding=1)
@@ -75,6 +82,11 @@ def make_artifact(out_dir: pathlib.Path, frame_hw=(40, 36), frame_channels=1) ->
     names = list(dm.output_names)
     torch.onnx.export(dm, (dm.example_frames(2),), str(out), input_names=["frames"], output_names=names,
                       dynamic_axes={n: {0: "batch"} for n in ["frames", *names]}, dynamo=False)
+    meta = build_metadata(dm.model, format="onnx", frame_hw=list(frame_hw), frame_channels=frame_channels,
+                          batch="dynamic", outputs=names)
+    proto = embed_onnx_metadata(onnx.load(str(out)), meta)
+    onnx.save(proto, str(out))
+    write_sidecar(out, meta)
     return out
 
 
@@ -115,6 +127,17 @@ def alive(pid: int) -> bool:
         except ProcessLookupError:
             return False
         return True
+
+
+def wait_gone(procs, timeout=30.0):
+    """Wait until every (pid, name) has exited; returns those still alive after `timeout`.
+    (Python-backend stubs' multiprocessing helpers exit a moment after their stub.)"""
+    deadline = time.monotonic() + timeout
+    left = [(p, n) for p, n in procs if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = [(p, n) for p, n in left if alive(p)]
+    return left
 
 
 class ServerProcess:
@@ -293,11 +316,7 @@ def test_sigterm_stops_server_and_children(server):
     assert any("tritonserver" in n for n in names), names
     code, _ = server.terminate()
     assert code == 0, server.log_path.read_text()[-3000:]
-    deadline = time.monotonic() + 30
-    left = [(p, n) for p, n in kids if alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = [(p, n) for p, n in kids if alive(p)]
+    left = wait_gone(kids)
     assert not left, f"processes left after SIGTERM: {left}"
 
 
