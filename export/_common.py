@@ -1,0 +1,130 @@
+"""Small helpers shared by the exporters: model loading, scan lowering switch, CLI plumbing."""
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+class ExportError(RuntimeError):
+    """An export that could not be completed; the message says why and what to do."""
+
+
+def load_model(ckpt):
+    """A checkpoint path (model.pt) or an already built AnomalyModel -> model in eval mode."""
+    if isinstance(ckpt, torch.nn.Module):
+        return ckpt.eval()
+    from models.checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt).eval()
+
+
+def model_source(ckpt) -> str:
+    return str(ckpt) if not isinstance(ckpt, torch.nn.Module) else f"<{type(ckpt).__name__} object>"
+
+
+@contextlib.contextmanager
+def scan_lowering(mode: str):
+    """Select how `kernels.selective_scan` lowers while exporting: "chunked" or "plugin".
+
+    Adapter over the KERNELS engineer's `kernels.export_mode` (kernels/lowering.py); fails
+    clearly when the plugin lowering is asked for and the kernels package lacks it.
+    """
+    import kernels
+
+    if mode not in ("chunked", "plugin"):
+        raise ValueError(f"scan: expected 'chunked' or 'plugin', got {mode!r}")
+    ctx = getattr(kernels, "export_mode", None)
+    if ctx is None:
+        if mode == "plugin":
+            raise ExportError("scan=plugin needs kernels.export_mode (the plugin lowering); this "
+                              "kernels package does not provide it - use --scan chunked")
+        yield
+        return
+    with ctx(mode):
+        yield
+
+
+def count_plugin_nodes(onnx_model) -> int:
+    try:
+        from kernels.onnx_plugin import count_plugin_nodes as _count
+    except ImportError:
+        return 0
+    return _count(onnx_model)
+
+
+def resolve_out(out, default_name: str) -> pathlib.Path:
+    """`out` is a folder (artifact gets `default_name` inside) or a file path with the suffix."""
+    out = pathlib.Path(out if out is not None else "export_out")
+    suffix = pathlib.Path(default_name).suffix
+    if suffix and out.suffix.lower() == suffix:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    return out / default_name
+
+
+class Steps:
+    """Progress for the few long steps of an export (a tqdm bar over named steps)."""
+
+    def __init__(self, names, desc: str, quiet: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(names), desc=desc, unit="step", disable=quiet, file=sys.stderr,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
+        self.times = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        self.bar.set_postfix_str(name)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(time.perf_counter() - t, 3)
+            self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def run_cli(fn: Callable[[], object], quiet_errors: tuple = ()) -> int:
+    """Run a CLI body: user errors (bad args/files, failed gates) print one line, exit code 2/1."""
+    from models.checkpoint import CheckpointError
+
+    from .artifacts import ArtifactError
+    from .formats import ExportArgError
+
+    try:
+        fn()
+    except (ExportArgError, CheckpointError, ArtifactError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def describe_files(paths) -> str:
+    lines = []
+    for p in paths:
+        p = pathlib.Path(p)
+        if p.is_file():
+            lines.append(f"  {p}  ({p.stat().st_size / 1e6:.2f} MB)")
+        elif p.is_dir():
+            lines.append(f"  {p}/")
+    return "\n".join(lines)
+
+
+def maybe_int(v) -> Optional[int]:
+    return None if v is None else int(v)

@@ -1,0 +1,182 @@
+"""ONNX export of a checkpoint as a self-describing graph (uint8 frames in, maps + scores out).
+
+    python -m export.onnx --ckpt model.pt [--out DIR] [--batch dynamic|N] [--opset 18]
+        [--frame-size HxW] [--frame-channels 1|3] [--full-res-map] [--scan chunked|plugin]
+
+Library: `export_onnx(ckpt, out, ...) -> OnnxExport`. Steps: wrap the model in
+models.deploy.DeployModule (resize + gray->RGB + normalisation in the graph), export with
+`torch.onnx.export(dynamo=True)` (the TorchScript exporter only as a fallback, recorded in the
+metadata), `onnx.checker` + shape inference, embed metadata_props["edge_ad"], write the sidecar,
+run the parity gate (export/check.py). An artifact that fails the gate is renamed
+`*.rejected.onnx` and the export raises ParityError with the report.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ._common import ExportError, Steps, count_plugin_nodes, first_line, load_model, resolve_out, scan_lowering
+from .artifacts import build_metadata, embed_onnx_metadata, write_sidecar
+from .formats import DEFAULT_OPSET, validate_args
+
+MAX_DYNAMIC_BATCH = 1024
+
+
+@dataclass
+class OnnxExport:
+    path: pathlib.Path
+    sidecar: pathlib.Path
+    meta: dict
+    parity: Optional[object] = None         # export.check.ParityResult
+    seconds: float = 0.0
+    steps: dict = field(default_factory=dict)
+    node_count: int = 0
+    size_bytes: int = 0
+
+    def summary(self) -> str:
+        ex = self.meta["export"]
+        lines = [f"wrote {self.path}  ({self.size_bytes / 1e6:.2f} MB, {self.node_count} nodes, opset "
+                 f"{ex['opset']}, scan={ex['scan']}, batch={ex['batch']}, exporter={ex['exporter']})",
+                 f"wrote {self.sidecar}",
+                 f"export took {self.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in self.steps.items())})"]
+        if self.parity is not None:
+            lines.append(self.parity.report())
+        return "\n".join(lines)
+
+
+def _torch_export(dm, example, path: pathlib.Path, opset: int, dynamic: bool, names, prefer_dynamo=True):
+    """torch.onnx.export, dynamo first; returns the exporter used."""
+    kw = dict(input_names=["frames"], output_names=list(names), opset_version=opset)
+    errors = []
+    if prefer_dynamo:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dyn = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic else None
+                torch.onnx.export(dm, (example,), str(path), dynamo=True, dynamic_shapes=dyn,
+                                  verbose=False, **kw)
+            return "torch.onnx.export(dynamo=True)"
+        except Exception as e:  # recorded and reported; the fallback is said out loud
+            errors.append(f"dynamo=True: {first_line(e)}")
+            print(f"warning: torch.onnx.export(dynamo=True) failed ({first_line(e)}); "
+                  "falling back to the TorchScript exporter (dynamo=False)", file=sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dyn_axes = {n: {0: "batch"} for n in ("frames", *names)} if dynamic else None
+            torch.onnx.export(dm, (example,), str(path), dynamo=False, dynamic_axes=dyn_axes, **kw)
+        return "torch.onnx.export(dynamo=False)"
+    except Exception as e:
+        errors.append(f"dynamo=False: {first_line(e)}")
+    raise ExportError("ONNX export failed: " + "; ".join(errors))
+
+
+def check_onnx(model_proto, path=None, strict_shapes: bool = True):
+    """onnx.checker + shape inference; raises ExportError naming what failed. Returns inferred model."""
+    import onnx
+
+    where = f"{path}: " if path else ""
+    try:
+        onnx.checker.check_model(model_proto)
+    except Exception as e:
+        raise ExportError(f"{where}onnx.checker rejected the graph: {first_line(e)}") from None
+    try:
+        return onnx.shape_inference.infer_shapes(model_proto, check_type=True, strict_mode=strict_shapes)
+    except Exception as e:
+        raise ExportError(f"{where}ONNX shape inference failed: {first_line(e)}") from None
+
+
+def export_onnx(ckpt, out=None, *, batch="dynamic", opset: Optional[int] = None, frame_hw=None,
+                frame_channels: Optional[int] = None, full_res_map: bool = False, scan: str = "chunked",
+                check: bool = True, images=None, n: Optional[int] = None, precision: str = "fp32",
+                quiet: bool = False, _format: str = "onnx", _file_name: str = "model.onnx") -> OnnxExport:
+    """Export `ckpt` (checkpoint path or model) to ONNX; see module docstring."""
+    a = validate_args("onnx", ckpt=ckpt, out=out, batch=batch, opset=opset, frame_hw=frame_hw,
+                      frame_channels=frame_channels, full_res_map=full_res_map, scan=scan, check=check,
+                      images=images, n=n)
+    import onnx
+
+    from models.deploy import DeployModule
+
+    t0 = time.perf_counter()
+    steps = Steps(["load", "export", "check graph", "metadata", "parity"], desc="export onnx", quiet=quiet)
+    try:
+        with steps.step("load"):
+            model = load_model(ckpt)
+            pp = model.preprocess
+            hw = a["frame_hw"] or (pp.input_size, pp.input_size)
+            ch = a["frame_channels"] or pp.channels
+            opset_v = a["opset"] or DEFAULT_OPSET
+            bsz = a["batch"] or "dynamic"
+            dm = DeployModule(model, frame_hw=hw, frame_channels=ch, full_res_map=bool(full_res_map)).eval()
+            names = dm.output_names
+            example = dm.example_frames(2 if bsz == "dynamic" else bsz, seed=0)
+            with torch.no_grad():
+                dm(example[:1])     # one eager call first (fills lazily cached constants)
+        path = resolve_out(out, _file_name)
+        with steps.step("export"), torch.no_grad(), scan_lowering(a["scan"] or "chunked"):
+            exporter = _torch_export(dm, example, path, opset_v, bsz == "dynamic", names)
+        with steps.step("check graph"):
+            mp = onnx.load(str(path))
+            n_plugin = count_plugin_nodes(mp)
+            if (a["scan"] or "chunked") == "plugin" and n_plugin == 0:
+                raise ExportError("scan=plugin produced no SelectiveScan plugin node (does this model use "
+                                  "kernels.selective_scan?)")
+            check_onnx(mp, path, strict_shapes=n_plugin == 0)
+        with steps.step("metadata"):
+            meta = build_metadata(
+                model, format="onnx", artifact=path.name, exporter=exporter, scan=a["scan"] or "chunked",
+                plugin_nodes=n_plugin, opset=opset_v, frame_hw=list(hw), frame_channels=int(ch),
+                batch=bsz, input="frames", input_layout="NHWC uint8, RGB order for 3 channels",
+                resize="bilinear, half-pixel (align_corners=False), no antialias, on float values",
+                outputs=list(names), precision=precision, source=str(ckpt) if not isinstance(ckpt, torch.nn.Module)
+                else "<model object>")
+            embed_onnx_metadata(mp, meta)
+            onnx.save(mp, str(path))
+            side = write_sidecar(path, meta)
+        res = OnnxExport(path, side, meta, node_count=len(mp.graph.node), size_bytes=path.stat().st_size)
+        if check:
+            with steps.step("parity"):
+                from .check import ParityError, check_artifact
+
+                parity = check_artifact(model, path, images=images, n=a["n"] or 8, meta=meta)
+                res.parity = parity
+                if not parity.passed:
+                    rejected = path.with_name(path.stem + ".rejected" + path.suffix)
+                    os.replace(path, rejected)
+                    os.replace(side, rejected.with_name(rejected.name + ".json"))
+                    write_sidecar(rejected, meta, parity=parity.to_dict())
+                    raise ParityError(parity, f"{path} (kept as {rejected.name} for inspection)")
+                write_sidecar(path, meta, parity=parity.to_dict())
+    finally:
+        steps.close()
+    res.seconds = time.perf_counter() - t0
+    res.steps = dict(steps.times)
+    return res
+
+
+def main(argv=None) -> int:
+    from ._common import run_cli
+    from .formats import add_cli_args, cli_kwargs
+
+    ap = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
+    add_cli_args(ap, "onnx")
+
+    def body():
+        kw = cli_kwargs(ap.parse_args(argv), "onnx")
+        res = export_onnx(kw.pop("ckpt"), kw.pop("out"), **{k: v for k, v in kw.items() if v is not None})
+        print(res.summary())
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
