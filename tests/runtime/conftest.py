@@ -53,3 +53,32 @@ def torch_engine(padim_checkpoint):
     from runtime.engines import load_engine
 
     return load_engine(padim_checkpoint, backend="torch", frame_hw=(TILE, TILE), frame_channels=1)
+
+
+def export_onnx_artifact(checkpoint, out, batch=None):
+    """An ONNX artifact of the fitted model under the deployed-artifact contract (input "frames"
+    uint8 NHWC, metadata_props + sidecar via export.artifacts). Uses export.onnx when present."""
+    pytest.importorskip("export.artifacts", reason="export.artifacts not available yet")
+    from export.artifacts import build_metadata, embed_onnx_metadata, write_sidecar
+    import onnx
+    from models.checkpoint import load_checkpoint
+    from models.deploy import DeployModule, output_names
+
+    model = load_checkpoint(checkpoint)
+    dep = DeployModule(model, frame_hw=(TILE, TILE), frame_channels=1).eval()
+    frames = dep.example_frames(batch or 2)
+    dyn = None if batch else {"frames": {0: "batch"}, **{n: {0: "batch"} for n in output_names()}}
+    torch.onnx.export(dep, (frames,), str(out), input_names=["frames"], output_names=list(output_names()),
+                      dynamic_axes=dyn, opset_version=17, dynamo=False)
+    meta = build_metadata(model, format="onnx", opset=17, frame_hw=[TILE, TILE], frame_channels=1,
+                          batch=batch if batch else "dynamic", outputs=list(output_names()))
+    m = onnx.load(str(out))
+    embed_onnx_metadata(m, meta)
+    onnx.save(m, str(out))
+    write_sidecar(out, meta)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_artifact(padim_checkpoint, tmp_path_factory):
+    return export_onnx_artifact(padim_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")

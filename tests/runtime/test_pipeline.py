@@ -47,7 +47,10 @@ class _Collector(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_defect_on_a_tile_seam_is_found_once_at_its_strip_position(torch_engine, tmp_path):
+@pytest.mark.parametrize("kind", ["onnx", "torch"])
+def test_defect_on_a_tile_seam_is_found_once_at_its_strip_position(kind, request, tmp_path):
+    engine = load_engine(request.getfixturevalue("onnx_artifact")) if kind == "onnx" \
+        else request.getfixturevalue("torch_engine")
     # bands start every 48 lines (tile 64): line 64 is the bottom edge of band 0 and inside
     # bands 1; columns 48..63 are covered by two tiles. The defect sits on both seams.
     d_line, d_col, r = 64, 60, 6
@@ -56,7 +59,7 @@ def test_defect_on_a_tile_seam_is_found_once_at_its_strip_position(torch_engine,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Collector.bodies = []
     try:
-        s = run_stream(torch_engine, uri, out_dir=tmp_path, tile=TILE, stride=48, max_batch=8,
+        s = run_stream(engine, uri, out_dir=tmp_path, tile=TILE, stride=48, max_batch=8,
                        overload="block", line_pitch_mm=0.1, pixel_pitch_mm=0.05,
                        webhook=f"http://127.0.0.1:{server.server_address[1]}/hook")
     finally:
@@ -80,6 +83,7 @@ def test_defect_on_a_tile_seam_is_found_once_at_its_strip_position(torch_engine,
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 1
     assert (tmp_path / "preview.png").is_file()
     saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["engine"]["backend"] == engine.backend
     assert saved["lines_scored"] == 400 and saved["latency_ms"]["p99"] >= saved["latency_ms"]["p50"] > 0
 
 

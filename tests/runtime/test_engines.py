@@ -1,0 +1,94 @@
+"""Engines behind one interface: exported ONNX vs the PyTorch checkpoint on fresh random frames
+(odd batches, fixed-batch engines), backend choice and the clear errors."""
+import json
+
+import numpy as np
+import pytest
+
+from runtime.engines import (Engine, EngineError, OrtEngine, TorchEngine, available_backends,
+                             choose_backend, load_engine, trt)
+from tests.runtime.conftest import TILE, export_onnx_artifact
+
+
+def _frames(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n, TILE, TILE, 1), dtype=np.uint8)
+
+
+def _close(a, b):
+    for k in ("anomaly_map", "score", "normalized_score"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-3 * float(np.abs(b[k]).max() + 1e-6))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_onnx_engine_matches_the_pytorch_checkpoint(onnx_artifact, torch_engine, batch):
+    eng = load_engine(onnx_artifact)
+    assert isinstance(eng, OrtEngine) and isinstance(eng, Engine) and eng.backend.startswith("ort")
+    assert eng.frame_hw == (TILE, TILE) and eng.frame_channels == 1 and eng.static_batch is None
+    assert eng.meta["model"] == torch_engine.meta["model"]
+    assert eng.map_threshold == pytest.approx(torch_engine.map_threshold)
+    f = _frames(batch, batch)
+    _close(eng.infer(f), torch_engine.infer(f))
+
+
+def test_fixed_batch_engine_is_chunked_and_padded(padim_checkpoint, torch_engine, tmp_path):
+    path = export_onnx_artifact(padim_checkpoint, tmp_path / "b4.onnx", batch=4)
+    eng = load_engine(path, backend="ort-cpu")
+    assert eng.static_batch == 4
+    f = _frames(6, 7)                      # one full chunk + one padded chunk
+    out = eng.infer(f)
+    assert out["score"].shape == (6,)
+    _close(out, torch_engine.infer(f))
+
+
+def test_tampered_artifact_is_refused_at_load(onnx_artifact, tmp_path):
+    import onnx
+
+    bad = tmp_path / "model.onnx"
+    m = onnx.load(str(onnx_artifact))
+    m.doc_string = "edited after export"        # still a valid model, but not the exported bytes
+    onnx.save(m, str(bad))
+    (tmp_path / "model.onnx.json").write_text(onnx_artifact.with_name("model.onnx.json").read_text())
+    with pytest.raises(EngineError, match="sha256"):
+        load_engine(bad)
+
+
+def test_wrong_frames_are_one_clear_error(torch_engine):
+    with pytest.raises(EngineError, match="1-channel"):
+        torch_engine.infer(np.zeros((1, TILE, TILE, 3), np.uint8))
+    with pytest.raises(EngineError, match=f"{TILE}x{TILE}"):
+        torch_engine.infer(np.zeros((1, TILE + 1, TILE, 1), np.uint8))
+    with pytest.raises(EngineError, match="uint8"):
+        torch_engine.infer(np.zeros((1, TILE, TILE, 1), np.float32))
+
+
+def test_backend_choice(tmp_path):
+    for name in ("m.onnx", "m.engine", "m.pt2", "m.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert choose_backend(tmp_path / "m.onnx") in ("ort-cpu", "ort-cuda", "ort-trt")
+    assert choose_backend(tmp_path / "m.onnx", "ort-cpu") == "ort-cpu"
+    assert choose_backend(tmp_path / "m.pt2") == "aoti"
+    assert choose_backend(tmp_path / "m.pt") == "torch"
+    assert choose_backend(tmp_path / "m.engine") == "tensorrt"
+    with pytest.raises(EngineError, match="not --backend aoti"):
+        choose_backend(tmp_path / "m.onnx", "aoti")
+    with pytest.raises(EngineError, match="unknown engine type"):
+        choose_backend(tmp_path / "m.bin")
+    with pytest.raises(EngineError, match="--backend 'magic'"):
+        choose_backend(tmp_path / "m.pt", "magic")
+    assert "torch" in available_backends()
+
+
+def test_tensorrt_without_tensorrt_or_gpu_is_a_clear_error(tmp_path):
+    (tmp_path / "m.engine").write_bytes(b"not a plan")
+    if trt is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT and a GPU are present: the error path does not apply")
+    with pytest.raises(EngineError, match="TensorRT"):
+        load_engine(tmp_path / "m.engine")
+
+
+def test_missing_engine_file(tmp_path):
+    with pytest.raises(EngineError, match="not found"):
+        load_engine(tmp_path / "model.onnx")
