@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -36,8 +37,8 @@ H = _serve_helpers()
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return H.make_artifact(tmp_path_factory.mktemp("remote_artifact"))
+def artifact(padim_checkpoint, tmp_path_factory):
+    return H.exported_artifact(padim_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,36 @@ def test_remote_engine_errors(server, local):
     assert time.monotonic() - t0 < 20
 
 
+def _stream_events(engine, uri, out_dir):
+    from runtime.stream import run_stream
+    from tests.runtime.conftest import TILE
+
+    s = run_stream(engine, uri, out_dir=out_dir, tile=TILE, stride=48, max_batch=8, overload="block")
+    events = [json.loads(x) for x in (out_dir / "events.jsonl").read_text().splitlines()]
+    return s, events
+
+
+def test_stream_through_remote_engine_end_to_end(server, local, tmp_path):
+    """runtime.stream's pipeline on the simulated line camera, the model served by Triton:
+    the same defect events as with the in-process engine."""
+    pytest.importorskip("runtime.stream", reason="runtime.stream not available")
+    from tests.runtime.conftest import SIM
+
+    d_line, d_col, r = 150, 100, 6
+    uri = SIM + f"&rate=0&lines=40&total=400&defects={d_line}:{d_col}:{r}"
+    s_loc, ev_loc = _stream_events(local, uri, tmp_path / "local")
+    with RemoteEngine.from_uri(f"grpc://127.0.0.1:{server.grpc_port}/edge_ad") as eng:
+        s_rem, ev_rem = _stream_events(eng, uri, tmp_path / "remote")
+    assert s_rem["lines_in"] == s_rem["lines_scored"] == 400 and s_rem["lines_dropped"] == 0
+    assert s_rem["tiles_scored"] == s_loc["tiles_scored"] > 0
+    assert s_rem["engine"]["backend"] == "remote"
+    assert len(ev_rem) == len(ev_loc) >= 1
+    hit = [e for e in ev_rem if e["line_start"] <= d_line <= e["line_end"] and e["col_start"] <= d_col <= e["col_end"]]
+    assert hit, ev_rem
+    keys = ("line_start", "line_end", "col_start", "col_end", "peak_line", "peak_col")
+    assert [[e[k] for k in keys] for e in ev_rem] == [[e[k] for k in keys] for e in ev_loc]
+
+
 def _stream_supports_remote() -> bool:
     if importlib.util.find_spec("runtime.stream") is None:
         return False
@@ -135,10 +166,16 @@ def _stream_supports_remote() -> bool:
     return res.returncode == 0 and "--remote" in res.stdout
 
 
-def test_stream_remote_end_to_end(server, local, tmp_path):
+def test_stream_cli_remote(server, tmp_path):
     if not _stream_supports_remote():
-        pytest.skip("runtime.stream has no --remote option yet (wire RemoteEngine.from_uri into it)")
+        pytest.skip("runtime.stream has no --remote option yet: the lead wires RemoteEngine.from_uri into "
+                    "runtime/stream.py (see docs/deploy.md)")
+    from tests.runtime.conftest import SIM
+
     uri = f"grpc://127.0.0.1:{server.grpc_port}/edge_ad"
-    res = subprocess.run([sys.executable, "-m", "runtime.stream", "--remote", uri, "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "runtime.stream", "--remote", uri, "--source",
+                          SIM + "&rate=0&lines=40&total=200", "--out", str(tmp_path), "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["lines_scored"] == 200 and summary["engine"]["backend"] == "remote"

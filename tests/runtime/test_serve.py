@@ -41,53 +41,19 @@ def free_ports(n: int):
     return ports
 
 
-def make_artifact(out_dir: pathlib.Path, frame_hw=(40, 36), frame_channels=1) -> pathlib.Path:
-    """An exported ONNX artifact (uint8 NHWC frames in; anomaly_map, score, normalized_score out)."""
-    import torch
-    from torch import nn
+def exported_artifact(checkpoint, tmp_path_factory) -> pathlib.Path:
+    """The fitted test model (tests/runtime/conftest.py's padim checkpoint) exported with
+    export.onnx.export_onnx: uint8 Mono8 frames in, the artifact contract out. Exported once per
+    session (reused by test_serve.py and test_remote.py)."""
+    pytest.importorskip("export.onnx", reason="export.onnx not available")
+    from export.onnx import export_onnx
 
-    import dataclasses
-
-    import onnx
-
-    from export.artifacts import build_metadata, embed_onnx_metadata, write_sidecar
-    from models.base import AnomalyModel, ConfigBase, PreprocessConfig, ScoreStats
-    from models.deploy import DeployModule
-
-    @dataclasses.dataclass
-    class TinyConfig(ConfigBase):
-        input_size: int = 32
-
-    class Tiny(AnomalyModel):
-        model_name = "tiny_serve_test"
-
-        def __init__(self):
-            nn.Module.__init__(self)
-            self.config = TinyConfig()
-            self.score_stats = ScoreStats(low=0.05, threshold=0.5)
-            self.class_names = ["tile"]
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-
-        @property
-        def preprocess(self):
-            return PreprocessConfig(input_size=32)
-
-        def forward(self, x):
-            m = self.conv(x).pow(2).mean(1, keepdim=True)
-            return m, m.amax(dim=(1, 2, 3))
-
-    torch.manual_seed(0)
-    dm = DeployModule(Tiny().eval(), frame_hw=frame_hw, frame_channels=frame_channels).eval()
-    out = pathlib.Path(out_dir) / "model.onnx"
-    names = list(dm.output_names)
-    torch.onnx.export(dm, (dm.example_frames(2),), str(out), input_names=["frames"], output_names=names,
-                      dynamic_axes={n: {0: "batch"} for n in ["frames", *names]}, dynamo=False)
-    meta = build_metadata(dm.model, format="onnx", frame_hw=list(frame_hw), frame_channels=frame_channels,
-                          batch="dynamic", outputs=names)
-    proto = embed_onnx_metadata(onnx.load(str(out)), meta)
-    onnx.save(proto, str(out))
-    write_sidecar(out, meta)
-    return out
+    out_dir = tmp_path_factory.getbasetemp() / "deploy_served_artifact"
+    path = out_dir / "model.onnx"
+    if not path.is_file():
+        out_dir.mkdir(exist_ok=True)
+        path = export_onnx(checkpoint, out_dir, frame_channels=1, check=False, quiet=True).path
+    return path
 
 
 def descendants(pid: int):
@@ -194,8 +160,8 @@ class ServerProcess:
 
 # ---- fixtures --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return make_artifact(tmp_path_factory.mktemp("serve_artifact"))
+def artifact(padim_checkpoint, tmp_path_factory):
+    return exported_artifact(padim_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +200,8 @@ QUERY = textwrap.dedent("""
 def test_http_and_grpc_answers_equal_local_engine(server, artifact, tmp_path):
     rng = np.random.default_rng(7)
     engine = open_engine(artifact)
-    h, w = engine.frame_hw if getattr(engine, "frame_hw", None) else (40, 36)
-    ch = getattr(engine, "frame_channels", 1)
+    h, w = engine.frame_hw
+    ch = engine.frame_channels
     batches = {f"b{b}": rng.integers(0, 256, (b, h, w, ch), dtype=np.uint8) for b in (1, 3, MAX_BATCH)}
     batches["too_big"] = rng.integers(0, 256, (MAX_BATCH + 1, h, w, ch), dtype=np.uint8)
     batches["wrong_shape"] = rng.integers(0, 256, (1, h + 1, w, ch), dtype=np.uint8)
