@@ -521,8 +521,7 @@ class Pipeline:
         for i, x0 in enumerate(band.x_starts):
             ww = min(self.tile_hw[1], w - x0)
             rows[:, x0:x0 + ww] = band.tiles[i, :band.rows, :ww]
-        for r in range(band.rows):
-            self.preview_img[(band.y0 + r) % k] = rows[r]
+        self.preview_img[np.arange(band.y0, band.y0 + band.rows) % k] = rows
         self.preview_y1 = max(self.preview_y1, band.y0 + band.rows)
 
     def preview_rows(self, y0: int, y1: int) -> Optional[np.ndarray]:

@@ -58,6 +58,13 @@ def torch_engine(padim_checkpoint):
 def export_onnx_artifact(checkpoint, out, batch=None):
     """An ONNX artifact of the fitted model under the deployed-artifact contract (input "frames"
     uint8 NHWC, metadata_props + sidecar via export.artifacts). Uses export.onnx when present."""
+    try:
+        from export.onnx import export_onnx
+    except ImportError:
+        export_onnx = None
+    if export_onnx is not None:
+        return export_onnx(checkpoint, out, batch=batch or "dynamic", frame_hw=(TILE, TILE),
+                           frame_channels=1, check=False, quiet=True).path
     pytest.importorskip("export.artifacts", reason="export.artifacts not available yet")
     from export.artifacts import build_metadata, embed_onnx_metadata, write_sidecar
     import onnx
