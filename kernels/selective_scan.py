@@ -178,8 +178,8 @@ def _selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     decays = torch.empty_like(ends)
     launch(None, False, ends, decays)
     # state entering split s = scan over splits of (decay, end state), shifted by one
-    carried = _scan_chunked(decays.movedim(1, -1), ends.movedim(1, -1))  # (b, dim, n, splits)
-    init = F.pad(carried[..., :-1], (1, 0)).movedim(-1, 1).contiguous()
+    carried = _chunk_states(decays.transpose(1, 2), ends.transpose(1, 2))  # (b, dim, splits, n)
+    init = F.pad(carried[..., :-1, :], (0, 0, 1, 0)).transpose(1, 2).contiguous()
     state = torch.empty_like(ends)
     launch(init, True, state, None)
     return y, state[:, -1]
@@ -189,47 +189,64 @@ def _selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # Chunked lowering in standard ops (CPU implementation and what ONNX / torch.export trace).
 #
 # With g_l = exp(delta_l * A) (the decay, in (0, 1] for A <= 0) and x_l = delta_l * B_l * u_l,
-# the state is h_l = g_l * h_{l-1} + x_l. Split L into chunks of CHUNK steps:
-#   1. inside each chunk, the local scan from a zero state and the running decay product are
-#      computed by CHUNK unrolled steps on strided slices (a constant number of ops: no loop
-#      and no unroll over L);
-#   2. the chunk end states obey the same recurrence with the chunk's total decay as g, so the
-#      carry between chunks is the same chunked scan applied to the chunk totals, recursively
-#      (depth ceil(log_CHUNK L));
-#   3. h = local state + running decay * state at the end of the previous chunk.
-# Only products of decays appear - no exp of a raw (or negated) cumulative sum - so nothing
-# can overflow: steep decays just underflow to 0, which is the right answer. Each level has a
-# fixed op count, so an exported graph grows only with the number of levels.
+# the state is h_l = g_l * h_{l-1} + x_l. L is split into chunks of CHUNK steps, and tensors are
+# laid out (batch, group, channel, chunk, N), one tensor per step of the chunk:
+#   1. inside every chunk at once, CHUNK unrolled steps give the local states from a zero
+#      state (a constant number of ops: no loop and no unroll over L), and y's local part
+#      sum_n C h_local is reduced right away;
+#   2. the chunk end states obey the same recurrence with the chunk's total decay, so the carry
+#      between chunks is the same chunked scan applied to the chunk totals, recursively (depth
+#      ceil(log_CHUNK L), each level CHUNK times smaller);
+#   3. y's carried part is sum_n C_t[n] exp(A[n] S_t) carry[n], where S_t is the within-chunk
+#      cumulative delta (N-independent; A S_t <= 0 so the exp cannot overflow).
+# No exp of a growing cumulative sum appears anywhere: steep decays underflow to 0, which is
+# the right answer. Nothing of size (B, D, L, N) is kept: every per-step tensor is reduced over
+# N at once, so eager memory stays low and torch.compile can fuse each stage into one loop.
 # ---------------------------------------------------------------------------------------------
 CHUNK = 4
 
 
 def _scan_short(g, x):
-    """Unrolled scan over a short last axis (<= CHUNK): (states, running decay products)."""
-    h = [x[..., 0]]
-    p = [g[..., 0]]
-    for t in range(1, x.shape[-1]):
-        h.append(g[..., t] * h[-1] + x[..., t])
-        p.append(g[..., t] * p[-1])
-    return torch.stack(h, -1), torch.stack(p, -1)
+    """Unrolled scan along dim -2 of length <= CHUNK, layout (..., L, N): all states."""
+    h = [x[..., 0, :]]
+    for t in range(1, x.shape[-2]):
+        h.append(torch.addcmul(x[..., t, :], g[..., t, :], h[-1]))
+    return torch.stack(h, -2)
 
 
-def _scan_chunked(g, x, chunk=CHUNK):
-    """All states h_l = g_l * h_{l-1} + x_l (h_{-1} = 0) along the last axis, fp32."""
-    length = x.shape[-1]
+def _chunk_states(g, x, chunk=CHUNK):
+    """All states h_l = g_l * h_{l-1} + x_l (h_{-1} = 0) along dim -2, layout (..., L, N)."""
+    length, n = x.shape[-2], x.shape[-1]
     if length <= chunk:
-        return _scan_short(g, x)[0]
+        return _scan_short(g, x)
     nc = -(-length // chunk)
     pad = nc * chunk - length
     if pad:  # identity steps at the end: decay 1, input 0
-        g = F.pad(g, (0, pad), value=1.0)
-        x = F.pad(x, (0, pad))
-    lead = x.shape[:-1]
-    h_loc, g_run = _scan_short(g.reshape(*lead, nc, chunk), x.reshape(*lead, nc, chunk))
-    ends = _scan_chunked(g_run[..., -1], h_loc[..., -1], chunk)       # (..., nc)
-    carry = F.pad(ends[..., :-1], (1, 0))                              # state before each chunk
-    h = (h_loc + g_run * carry[..., None]).reshape(*lead, nc * chunk)
-    return h[..., :length] if pad else h
+        g = F.pad(g, (0, 0, 0, pad), value=1.0)
+        x = F.pad(x, (0, 0, 0, pad))
+    lead = x.shape[:-2]
+    g = g.reshape(*lead, nc, chunk, n)
+    x = x.reshape(*lead, nc, chunk, n)
+    hs, ps = [x[..., 0, :]], [g[..., 0, :]]
+    for t in range(1, chunk):
+        hs.append(torch.addcmul(x[..., t, :], g[..., t, :], hs[-1]))
+        ps.append(ps[-1] * g[..., t, :])
+    ends = _chunk_states(ps[-1], hs[-1], chunk)                         # (..., nc, N)
+    carry = F.pad(ends[..., :-1, :], (0, 0, 1, 0))                      # state before chunk
+    h = torch.stack([torch.addcmul(h_t, p_t, carry) for h_t, p_t in zip(hs, ps)], -2)
+    h = h.reshape(*lead, nc * chunk, n)
+    return h[..., :length, :] if pad else h
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    acc = _acc_dtype(u.dtype)
+    u = u.to(acc)
+    dl = delta.to(acc)
+    if delta_bias is not None:
+        dl = dl + delta_bias.to(acc)[:, None]
+    if delta_softplus:
+        dl = F.softplus(dl)
+    return acc, u, dl
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -240,51 +257,60 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     n = A.shape[1]
     groups = B.shape[1]
     dg = dim // groups
-    acc = torch.promote_types(u.dtype, torch.float32)  # fp32 state (fp64 for fp64 inputs)
-    u = u.to(acc)
-    delta = delta.to(acc)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(acc)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    dl = delta.reshape(batch, groups, dg, 1, length)
-    g = torch.exp(dl * A.to(acc).reshape(1, groups, dg, n, 1))             # (b, G, dg, N, L)
-    x = (dl * u.reshape(batch, groups, dg, 1, length)) * B.to(acc).reshape(batch, groups, 1, n, length)
-    h = _scan_chunked(g, x, chunk)
-    y = (h * C.to(acc).reshape(batch, groups, 1, n, length)).sum(3).reshape(batch, dim, length)
+    acc, u, dl = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    nc = -(-length // chunk)
+    pad = nc * chunk - length
+    # padded steps have delta = 0: decay exp(0) = 1 and input 0, i.e. identity steps.
+    # Step-major layouts (chunk step first) make every per-step slice contiguous.
+    dl_c = F.pad(dl, (0, pad)).reshape(batch, groups, dg, nc, chunk)
+    S = dl_c.cumsum(-1).movedim(-1, 0)[..., None]            # (chunk, b, G, dg, nc, 1)
+    dl_s = dl_c.movedim(-1, 0)[..., None].contiguous()
+    du_s = F.pad(dl * u, (0, pad)).reshape(batch, groups, dg, nc, chunk).movedim(-1, 0)[..., None].contiguous()
+    # B, C: (b, G, N, L) -> (chunk, b, G, 1, nc, N), small tensors
+    Bs = F.pad(B.to(acc), (0, pad)).reshape(batch, groups, n, nc, chunk).permute(4, 0, 1, 3, 2).unsqueeze(3).contiguous()
+    Cs = F.pad(C.to(acc), (0, pad)).reshape(batch, groups, n, nc, chunk).permute(4, 0, 1, 3, 2).unsqueeze(3).contiguous()
+    A5 = A.to(acc).reshape(1, groups, dg, 1, n)
+    h = None
+    y_loc = []
+    for t in range(chunk):                                   # local states, zero start
+        x_t = du_s[t] * Bs[t]                                # (b, G, dg, nc, N)
+        h = x_t if h is None else torch.addcmul(x_t, torch.exp(dl_s[t] * A5), h)
+        y_loc.append((h * Cs[t]).sum(-1))
+    ends = _chunk_states(torch.exp(S[-1] * A5), h, chunk)   # state at each chunk end
+    carry = F.pad(ends[..., :-1, :], (0, 0, 1, 0))
+    y = torch.stack([y_loc[t] + (torch.exp(S[t] * A5) * carry * Cs[t]).sum(-1)
+                     for t in range(chunk)], -1).reshape(batch, dim, nc * chunk)
+    if pad:
+        y = y[..., :length]
     if D is not None:
         y = y + u * D.to(acc)[:, None]
     if z is not None:
         y = y * F.silu(z.to(acc))
     y = y.to(dtype_in)
     if return_last_state:
-        return y, h[..., -1].reshape(batch, dim, n)
+        return y, ends[..., -1, :].reshape(batch, dim, n)
     return y
 
 
 def _selective_scan_bwd_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_y,
                                 grad_h, chunk=CHUNK):
-    """Analytic backward of `selective_scan_chunked` in standard ops: the state gradient is the
-    same chunked scan run backwards (reverse time, decays shifted by one step).
+    """Analytic backward of the selective scan in standard ops: the state gradient is the same
+    chunked scan run backwards (reverse time, decays shifted by one step). Materialises the
+    (B, D, L, N) states, which is fine for training-sized inputs.
     Returns grads for (u, delta, A, B, C, D, z, delta_bias); None for absent inputs."""
     batch, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
     dg = dim // groups
-    acc = _acc_dtype(u.dtype)
-    u32 = u.to(acc)
-    pre = delta.to(acc)
-    if delta_bias is not None:
-        pre = pre + delta_bias.to(acc)[:, None]
-    dl = F.softplus(pre) if delta_softplus else pre
-    a5 = A.to(acc).reshape(1, groups, dg, n, 1)
-    d5 = dl.reshape(batch, groups, dg, 1, length)
-    u5 = u32.reshape(batch, groups, dg, 1, length)
-    b5 = B.to(acc).reshape(batch, groups, 1, n, length)
-    c5 = C.to(acc).reshape(batch, groups, 1, n, length)
+    acc, u32, dl = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    a5 = A.to(acc).reshape(1, groups, dg, 1, n)
+    d5 = dl.reshape(batch, groups, dg, length, 1)
+    u5 = u32.reshape(batch, groups, dg, length, 1)
+    b5 = B.to(acc).transpose(-1, -2).unsqueeze(2)                     # (b, G, 1, L, N)
+    c5 = C.to(acc).transpose(-1, -2).unsqueeze(2)
     g = torch.exp(d5 * a5)
-    h = _scan_chunked(g, (d5 * u5) * b5, chunk)
-    y = (h * c5).sum(3).reshape(batch, dim, length)
+    h = _chunk_states(g, (d5 * u5) * b5, chunk)                         # (b, G, dg, L, N)
+    y = (h * c5).sum(-1).reshape(batch, dim, length)
     if D is not None:
         y = y + u32 * D.to(acc)[:, None]
 
@@ -298,22 +324,27 @@ def _selective_scan_bwd_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softp
     gu = gy * D.to(acc)[:, None] if D is not None else torch.zeros_like(u32)
     if D is not None:
         grads["D"] = (gy * u32).sum((0, 2)).to(D.dtype)
-    gy5 = gy.reshape(batch, groups, dg, 1, length)
-    grads["C"] = (gy5 * h).sum(2).to(C.dtype)
+    gy5 = gy.reshape(batch, groups, dg, length, 1)
+    grads["C"] = (gy5 * h).sum(2).transpose(-1, -2).to(C.dtype)
     # dL/dh_l = C_l gy_l + g_{l+1} dL/dh_{l+1} (+ grad of the returned last state at l = L-1)
     src = c5 * gy5
-    src = torch.cat([src[..., :-1], src[..., -1:] + grad_h.to(acc).reshape(batch, groups, dg, n, 1)], -1)
-    g_next = F.pad(g[..., 1:], (0, 1), value=1.0)
-    gh = _scan_chunked(g_next.flip(-1), src.flip(-1), chunk).flip(-1)
-    h_prev = F.pad(h[..., :-1], (1, 0))
-    ga = gh * h_prev * g                                # grad wrt delta * A (pre-exp)
-    gx = gh                                             # grad wrt x = delta * B * u
-    grads["B"] = (gx * d5 * u5).sum(2).to(B.dtype)
-    gu = gu + ((gx * b5).sum(3) * d5[..., 0, :]).reshape(batch, dim, length)
-    g_dl = ((gx * b5).sum(3) * u5[..., 0, :] + (ga * a5).sum(3)).reshape(batch, dim, length)
-    grads["A"] = (ga * d5).sum((0, 4)).reshape(dim, n).to(A.dtype)
+    src = torch.cat([src[..., :-1, :], src[..., -1:, :]
+                     + grad_h.to(acc).reshape(batch, groups, dg, 1, n)], -2)
+    g_next = F.pad(g[..., 1:, :], (0, 0, 0, 1), value=1.0)
+    gh = _chunk_states(g_next.flip(-2), src.flip(-2), chunk).flip(-2)
+    h_prev = F.pad(h[..., :-1, :], (0, 0, 1, 0))
+    ga = gh * h_prev * g                                # grad wrt delta * A (before exp)
+    grads["B"] = (gh * d5 * u5).sum(2).transpose(-1, -2).to(B.dtype)
+    ghb = (gh * b5).sum(-1, keepdim=True)               # (b, G, dg, L, 1)
+    gu = gu + (ghb * d5).reshape(batch, dim, length)
+    g_dl = (ghb * u5 + (ga * a5).sum(-1, keepdim=True)).reshape(batch, dim, length)
+    grads["A"] = (ga * d5).sum((0, 3)).reshape(dim, n).to(A.dtype)
     grads["u"] = gu.to(u.dtype)
-    g_pre = g_dl * torch.sigmoid(pre) if delta_softplus else g_dl
+    if delta_softplus:  # d softplus(v) / dv = sigmoid(v), v = delta + delta_bias
+        pre = delta.to(acc) if delta_bias is None else delta.to(acc) + delta_bias.to(acc)[:, None]
+        g_pre = g_dl * torch.sigmoid(pre)
+    else:
+        g_pre = g_dl
     grads["delta"] = g_pre.to(delta.dtype)
     if delta_bias is not None:
         grads["delta_bias"] = g_pre.sum((0, 2)).to(delta_bias.dtype)
