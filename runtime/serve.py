@@ -65,118 +65,25 @@ def _require_pytriton():
                          "(nvidia-pytriton bundles Triton Inference Server; Linux x86-64/aarch64, glibc >= 2.35)")
 
 
-# ---- engine loading (swappable: runtime.engines when it provides a loader) ------------------
-class OnnxRuntimeEngine:
-    """Minimal ONNX Runtime engine for the deployed-artifact contract (frames uint8 NHWC in,
-    anomaly_map / score / normalized_score out). Used when `runtime.engines` offers no loader."""
-
-    def __init__(self, path, providers: Optional[Sequence[str]] = None, threads: int = 0):
-        import onnxruntime as ort
-
-        self.path = pathlib.Path(path)
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(str(self.path), so,
-                                                providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as e:  # ORT's messages are long; keep the first line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ServeError(f"{self.path}: ONNX Runtime cannot load it: {first}") from None
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-            raise ServeError(f"{self.path}: expected one input named {INPUT_NAME!r} (uint8 NHWC frames), "
-                             f"got {[i.name for i in inputs]}")
-        self.input_name = inputs[0].name
-        self.input_shape = tuple(d if isinstance(d, int) else -1 for d in inputs[0].shape)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in CONTRACT_OUTPUTS if n not in self.output_names]
-        if missing:
-            raise ServeError(f"{self.path}: outputs {missing} missing (has {self.output_names})")
-        self.output_shapes = {o.name: tuple(d if isinstance(d, int) else -1 for d in o.shape)
-                              for o in self.session.get_outputs()}
-        self.meta = _read_metadata(self.path, self.session)
-        _, h, w, c = self.input_shape
-        exp = self.meta.get("export") or {}
-        self.frame_hw = (h, w) if h > 0 and w > 0 else (tuple(exp["frame_hw"]) if exp.get("frame_hw") else None)
-        self.frame_channels = c if c > 0 else int(exp.get("frame_channels") or 3)
-
-    def close(self) -> None:
-        pass
-
-    def infer(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
-        frames = np.asarray(frames)
-        if frames.dtype != np.uint8 or frames.ndim != 4:
-            raise ValueError(f"frames: expected uint8 (B, H, W, C), got {frames.dtype} {frames.shape}")
-        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(frames)})
-        return dict(zip(self.output_names, outs))
-
-
-def _read_metadata(path: pathlib.Path, session=None) -> dict:
-    try:
-        from export.artifacts import read_metadata
-    except ImportError:
-        read_metadata = None
-    if read_metadata is not None:
-        return read_metadata(path)
-    sidecar = path.with_name(path.name + ".json")
-    if sidecar.is_file():
-        return json.loads(sidecar.read_text())
-    if session is not None:
-        raw = session.get_modelmeta().custom_metadata_map.get("edge_ad")
-        if raw:
-            return json.loads(raw)
-    return {}
-
-
+# ---- engine loading ------------------------------------------------------------------------
 def open_engine(path, backend: Optional[str] = None, threads: int = 0):
-    """Load any exported artifact as an engine (`infer(frames) -> dict`, `.meta`).
-
-    Goes through `runtime.engines.load_engine` (every backend: ONNX Runtime, TensorRT,
-    AOTInductor, checkpoint). Only while the metadata reader `export.artifacts` is absent from
-    the tree, an .onnx file is served through ONNX Runtime directly (`OnnxRuntimeEngine`)."""
-    import importlib.util
+    """Load any exported artifact as an engine (`infer(frames) -> dict`, `.meta`) through
+    `runtime.engines.load_engine` (ONNX Runtime, TensorRT, AOTInductor, checkpoint)."""
+    from runtime.engines import load_engine
 
     path = pathlib.Path(path)
     if not path.exists():
         raise ServeError(f"{path}: artifact not found")
-    try:
-        from runtime.engines import load_engine
-    except ImportError:
-        load_engine = None
-    try:
-        have_artifacts = importlib.util.find_spec("export.artifacts") is not None
-    except ImportError:
-        have_artifacts = False
-    if load_engine is not None and (have_artifacts or path.suffix.lower() != ".onnx"):
-        return load_engine(path, backend=backend, threads=threads)
-    if path.suffix.lower() != ".onnx":
-        raise ServeError(f"{path}: only .onnx artifacts can be served without runtime.engines")
-    return OnnxRuntimeEngine(path, threads=threads)
+    return load_engine(path, backend=backend, threads=threads)
 
 
 # ---- the served model's I/O ------------------------------------------------------------------
-def _dims(shape, n: int) -> Tuple[int, ...]:
-    shape = tuple(shape or ())
-    if len(shape) != n:
-        return (-1,) * n
-    return tuple(int(d) if isinstance(d, (int, np.integer)) and int(d) > 0 else -1 for d in shape)
-
-
 def frame_shape(engine) -> Tuple[int, int, int]:
     """(H, W, C) of one input frame; -1 where the artifact leaves it open."""
-    hw = getattr(engine, "frame_hw", None)
-    ch = getattr(engine, "frame_channels", None)
     exp = (getattr(engine, "meta", None) or {}).get("export") or {}
-    hw = hw or exp.get("frame_hw")
-    ch = ch or exp.get("frame_channels")
-    if not hw or not ch:
-        shape = getattr(engine, "input_shape", None)
-        if shape and len(shape) == 4:
-            d = _dims(shape[1:], 3)
-            hw, ch = hw or (d[0], d[1]), ch or d[2]
-    hw = hw or (-1, -1)
-    return int(hw[0]), int(hw[1]), int(ch or -1)
+    hw = getattr(engine, "frame_hw", None) or exp.get("frame_hw") or (-1, -1)
+    ch = getattr(engine, "frame_channels", None) or exp.get("frame_channels") or -1
+    return int(hw[0]), int(hw[1]), int(ch)
 
 
 def output_spec(engine) -> List[Tuple[str, type, Tuple[int, ...]]]:
@@ -184,12 +91,8 @@ def output_spec(engine) -> List[Tuple[str, type, Tuple[int, ...]]]:
     meta = getattr(engine, "meta", None) or {}
     names = list(getattr(engine, "output_names", None) or (meta.get("export") or {}).get("outputs")
                  or CONTRACT_OUTPUTS)
-    shapes = getattr(engine, "output_shapes", None) or {}
     s = (meta.get("preprocess") or {}).get("input_size")
-    if "anomaly_map" in shapes:
-        amap = _dims(shapes["anomaly_map"][1:], 3)
-    else:
-        amap = (1, int(s), int(s)) if s else (1, -1, -1)
+    amap = (1, int(s), int(s)) if s else (1, -1, -1)
     spec = [("anomaly_map", np.float32, amap), ("score", np.float32, (1,)),
             ("normalized_score", np.float32, (1,)), (VERDICT, np.bool_, (1,))]
     if FULL_MAP in names:
