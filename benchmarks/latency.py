@@ -110,6 +110,7 @@ def host_info(device: str) -> dict:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "numpy": np.__version__, "cuda_available": bool(torch.cuda.is_available()),
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         import onnxruntime as ort
@@ -293,28 +294,25 @@ class TorchRunner(Runner):
         return out
 
 
-def _export_onnx(model, size: int, path: pathlib.Path) -> str:
-    """The deployed ONNX (frames uint8 in). export.onnx when present, else torch.onnx directly."""
-    import torch
+def _call_exporter(fn, model, out: pathlib.Path, **kw):
+    """Call an export.* library function with the keyword arguments it takes (others dropped:
+    the exporters validate their own argument tables). Parity gates are left to the exporters'
+    own tests - the benchmark reports `score_max_abs_diff` against eager for every row."""
+    import inspect
 
+    params = inspect.signature(fn).parameters
+    return fn(model, out, **{k: v for k, v in kw.items() if k in params})
+
+
+def _export_onnx(model, size: int, path: pathlib.Path) -> str:
+    """The deployed ONNX (uint8 frames in) from export.onnx.export_onnx."""
     try:
         from export.onnx import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:
-        try:
-            export_onnx(model, path, frame_hw=(size, size), frame_channels=3)
-            return "export.onnx.export_onnx"
-        except TypeError:
-            pass   # signature differs from the one documented: fall back below, and say so
-    deploy = _deploy(model, size)
-    with torch.no_grad():   # one eager call first (fills lazily cached constants with real tensors)
-        deploy(deploy.example_frames(1))
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(deploy, (deploy.example_frames(2),), str(path), input_names=["frames"],
-                      output_names=list(deploy.output_names), dynamic_shapes=({0: batch},),
-                      dynamo=True, verbose=False)
-    return "torch.onnx.export(dynamo=True) of models.deploy.DeployModule (export.onnx not available)"
+    except ImportError as e:
+        raise Unavailable(f"export.onnx not importable ({e})") from None
+    _call_exporter(export_onnx, model, path, frame_hw=(size, size), frame_channels=3, check=False,
+                   quiet=True)
+    return "export.onnx.export_onnx"
 
 
 class OrtRunner(Runner):
@@ -395,72 +393,40 @@ def _probe(module: str, names: Sequence[str]):
     for n in names:
         if hasattr(mod, n):
             return getattr(mod, n)
-    raise Unavailable(f"{module} has none of {', '.join(names)} (not landed yet)")
+    raise Unavailable(f"{module} has none of {', '.join(names)}")
 
 
-class AotiRunner(Runner):
-    """AOTInductor package built by export.aoti, loaded with torch._inductor.aoti_load_package."""
+class EngineRunner(Runner):
+    """An artifact built by the export library, run through runtime.engines (the deployed path):
+    `aoti` (export.aoti -> model.pt2) and `trt` (export.trt -> model.engine). Engine.infer does copy
+    in, the graph (preprocess included) and copy out in one call."""
 
-    stages_note = "preprocess inside the compiled package (counted in infer)"
+    stages_note = "copy in, preprocess and copy out happen inside runtime Engine.infer (counted in infer)"
+    EXPORTERS = {"aoti": ("export.aoti", ("export_aoti",), "model.pt2", "aoti"),
+                 "trt": ("export.trt", ("export_trt", "export_tensorrt", "build_engine"), "model.engine",
+                         "tensorrt")}
 
     def load(self):
         import torch
 
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        cuda = self.device.startswith("cuda")
+        if self.backend == "trt":
+            try:
+                import tensorrt  # noqa: F401
+            except ImportError:
+                raise Unavailable("tensorrt not importable (pip install edge-ad[gpu] on an NVIDIA host)") from None
+        if cuda and not torch.cuda.is_available():
             raise Unavailable("no CUDA device (torch.cuda.is_available() is False)")
-        if not self.device.startswith("cuda") and not (shutil.which("g++") or shutil.which("clang++")):
+        if not cuda and not (shutil.which("g++") or shutil.which("clang++")):
             raise Unavailable("AOTInductor on CPU needs a C++ compiler (g++ or clang++), none found")
-        export_aoti = _probe("export.aoti", ("export_aoti",))
-        path = self.workdir / f"model.{self.device.split(':')[0]}.pt2"
-        try:
-            export_aoti(self.model, path, frame_hw=(self.size, self.size), frame_channels=3,
-                        device=self.device)
-        except TypeError as e:
-            raise Unavailable(f"export.aoti.export_aoti signature differs from the one expected: {e}") from None
+        module, names, file_name, engine_backend = self.EXPORTERS[self.backend]
+        export_fn = _probe(module, names)
+        load_engine = _probe("runtime.engines", ("load_engine",))
+        path = self.workdir / f"{self.precision}.{file_name}"
+        _call_exporter(export_fn, self.model, path, frame_hw=(self.size, self.size), frame_channels=3,
+                       precision=self.precision, device=self.device, check=False, quiet=True)
         self.artifact = str(path)
-        self.fn = torch._inductor.aoti_load_package(str(path))
-        self.stats = self.model.score_stats
-
-    def run(self, frames, stage=_null_stage):
-        import torch
-
-        with torch.inference_mode():
-            with stage("copy_in"):
-                t = torch.from_numpy(frames).to(self.device)
-            with stage("infer"):
-                amap, score, norm = self.fn(t)[:3]
-            with stage("postprocess"):
-                out = postprocess(amap, score, norm, self.stats)
-            with stage("copy_out"):
-                return {k: v.cpu().numpy() for k, v in out.items()}
-
-
-class TrtRunner(Runner):
-    """Native TensorRT: engine from export.trt, run through runtime.engines."""
-
-    stages_note = "stages as reported by the runtime engine when it exposes them; else infer only"
-
-    def load(self):
-        import torch
-
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise Unavailable("tensorrt not importable (pip install edge-ad[gpu] on an NVIDIA host)") from None
-        if not torch.cuda.is_available():
-            raise Unavailable("no CUDA device (torch.cuda.is_available() is False)")
-        build = _probe("export.trt", ("export_trt", "build_engine"))
-        load_engine = _probe("runtime.engines", ("load_engine", "open_engine", "create_engine"))
-        onnx_path = self.workdir / "model.onnx"
-        if not onnx_path.is_file():
-            self.notes.append(f"ONNX exported by {_export_onnx(self.model, self.size, onnx_path)}")
-        path = self.workdir / f"model.{self.precision}.engine"
-        try:
-            build(onnx_path, path, precision=self.precision)
-            self.engine = load_engine(path)
-        except TypeError as e:
-            raise Unavailable(f"export.trt / runtime.engines signatures differ from the expected: {e}") from None
-        self.artifact = str(path)
+        self.engine = load_engine(path, backend=engine_backend, device=self.device)
         self.stats = self.model.score_stats
 
     def run(self, frames, stage=_null_stage):
@@ -483,10 +449,8 @@ def make_runner(backend, precision, device, model, ref_model, size, workdir) -> 
         return TorchRunner(*args, compiled=True)
     if backend.startswith("ort"):
         return OrtRunner(*args)
-    if backend == "aoti":
-        return AotiRunner(*args)
-    if backend == "trt":
-        return TrtRunner(*args)
+    if backend in EngineRunner.EXPORTERS:
+        return EngineRunner(*args)
     raise BenchError(f"--backends: unknown backend {backend!r}")  # pragma: no cover (validated earlier)
 
 
@@ -537,31 +501,26 @@ def build_models(ckpt: Optional[str], size: Optional[int], train: bool, model_na
 
 
 def _train_small(size: int, log):
-    """A small DVAD trained for a tiny budget on synthetic data (models.train), or (None, reason)."""
+    """A small DVAD trained for a tiny budget on synthetic data (models.train.train), or (None, None)."""
     try:
-        from models import train as _train
         from models.synthetic import generate_dataset
+        from models.train import train
     except ImportError as e:
         log(f"[bench] models.train not available ({e}); using a freshly initialised model")
         return None, None
-    fn = getattr(_train, "train", None)
-    if fn is None:
-        log("[bench] models.train has no train() function; using a freshly initialised model")
-        return None, None
     root = pathlib.Path(tempfile.mkdtemp(prefix="edge_ad_bench_"))
+    epochs, n_train = 2, 16
     try:
-        generate_dataset(root / "data", classes=("texture",), n_train=16, n_test_good=4,
-                         n_test_defect=4, size=size)
-        model = fn("dvad", root / "data", out=root / "model.pt", epochs=1,
-                   config=_small_dvad_config(size))
-        if isinstance(model, (str, pathlib.Path)):
-            from models.checkpoint import load_checkpoint
-
-            model = load_checkpoint(model)
-        return model, "small DVAD trained 1 epoch on synthetic 'texture' data (models.train)"
-    except Exception as e:   # any mismatch with train()'s signature: say so, go on untrained
+        generate_dataset(root / "data", classes=("texture",), n_train=n_train, n_test_good=2,
+                         n_test_defect=2, size=size)
+        model, _summary = train(root / "data", model="dvad", epochs=epochs, batch_size=8,
+                                config=_small_dvad_config(size), progress=False,
+                                log=lambda msg: log(f"[bench] train: {msg}"))
+        return model, (f"small DVAD (default config, {size}px) trained {epochs} epochs on {n_train} "
+                       f"synthetic 'texture' images by models.train.train")
+    except Exception as e:   # a mismatch with train()'s signature must not stop the benchmark
         log(f"[bench] models.train.train could not be used ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); using a freshly initialised model")
+            f"{(str(e).strip().splitlines() or [''])[0]}); using a freshly initialised model")
         return None, None
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -600,6 +559,7 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
     import torch
     from tqdm import tqdm
 
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     size = settings.size or model.preprocess.input_size
     device = settings.device
     rows: List[dict] = []
@@ -694,7 +654,7 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": host_info(device),
+        "host": dict(host_info(device), loadavg_at_start=load_before),
         "jetson": jetson.report(),
         "settings": {"backends": list(backends), "batches": list(settings.batches),
                      "precisions": list(settings.precisions), "size": size, "device": device,
@@ -783,7 +743,8 @@ def format_markdown(result, command: str) -> str:
     m = result["model"]
     head, body = _table_rows(result)
     lines = [
-        f"Machine: {h['cpu']} ({h['cpu_count']} cores, {h['torch_threads']} torch threads)"
+        f"Machine: {h['cpu']} ({h['cpu_count']} cores, {h['torch_threads']} torch threads, load average "
+        f"{_fmt((h.get('loadavg_at_start') or [None])[0])} at start)"
         + (f", GPU {h['gpu']}" if h.get("gpu") else "") + f"; torch {h['torch']}, onnxruntime "
         f"{h.get('onnxruntime')}; {result['created']}.",
         f"Model: {m['name']} ({m['params'] / 1e6:.2f} M parameters; {result.get('model_source', '')}), "
@@ -898,7 +859,8 @@ def parse_args(argv=None):
                    help=f"comma list from {','.join(b for b in BACKENDS if b != 'padim')} "
                         "(default: all; torch and the padim reference are always added)")
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8,32)")
-    p.add_argument("--precision", default="fp32", help="comma list from fp32,fp16,int8 (default fp32)")
+    p.add_argument("--precision", default=None,
+                   help="comma list from fp32,fp16,int8 (default fp32; --make-bench fp32,int8)")
     p.add_argument("--size", type=int, default=None, help="frame side in pixels (default: the model's input size)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     p.add_argument("--reps", type=int, default=None, help="timed interleaved rounds (default 20; --quick 5)")
@@ -933,14 +895,15 @@ def settings_from_args(a) -> Settings:
         s.batches, s.reps, s.warmup, s.stage_reps = (1,), 5, 1, 2
         skip = {b: "skipped by --quick (build/compile takes minutes; run without --quick)"
                 for b in ("compile", "aoti", "trt", "ort-trt")}
-    elif a.make_bench:
-        s.batches = (1, 8)
-        s.reps = 10
+    elif a.make_bench:   # the CPU set on a small model: minutes on 2 cores
+        s.backends = ("torch", "compile", "ort", "aoti")
+        s.batches, s.reps, s.stage_reps = (1, 4), 8, 3
     if a.backends:
         s.backends = _csv_list(a.backends, "backends", allowed=names + ("padim",))
     if a.batch:
         s.batches = _csv_list(a.batch, "batch", cast=int)
-    s.precisions = _csv_list(a.precision, "precision", allowed=PRECISIONS)
+    default_precision = "fp32,int8" if a.make_bench and not a.quick else "fp32"
+    s.precisions = _csv_list(a.precision or default_precision, "precision", allowed=PRECISIONS)
     s.size = a.size
     s.reps = a.reps if a.reps is not None else s.reps
     s.warmup = a.warmup if a.warmup is not None else s.warmup
@@ -962,10 +925,9 @@ def main(argv=None) -> int:
                 raise BenchError(f"--compare {a.compare}: not a readable latency JSON ({e})") from None
             if old.get("schema") != SCHEMA:
                 raise BenchError(f"--compare {a.compare}: schema {old.get('schema')!r}, expected {SCHEMA!r}")
-        if a.quick and not a.ckpt:
-            size = a.size or 64
-        else:
-            size = a.size
+        size = a.size
+        if not a.ckpt and size is None:
+            size = 64 if a.quick else 128 if a.make_bench else 256
         model, ref, source = build_models(a.ckpt, size, train=a.make_bench and not a.ckpt,
                                           model_name=a.model)
     except BenchError as e:
