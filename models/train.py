@@ -109,7 +109,8 @@ def build_config_dict(model_name: str, overrides: Dict[str, Any], preset: Option
         base = {}
     base.update(overrides)
     fields = set(getattr(ccls, "__dataclass_fields__", {}))
-    if "num_classes" in fields and "num_classes" not in overrides:
+    if "num_classes" in fields and not base.get("num_classes"):
+        # 0 / unset = "the number of classes trained on" (set it to 1 to switch the class loss off)
         base["num_classes"] = int(num_classes)
     try:
         return ccls.from_dict(base).to_dict()
