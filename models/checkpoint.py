@@ -119,7 +119,13 @@ def load_checkpoint(path, map_location="cpu"):
         model = create_model(meta["model"], pretrained=False, **meta["config"])
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: config does not build model {meta.get('model')!r}: {e}") from None
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else "")
+        raise CheckpointError(f"{path}: weights do not fit model {meta['model']!r} with its config "
+                              f"({detail})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit model {meta['model']!r} "
                               f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")

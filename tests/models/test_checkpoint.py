@@ -1,0 +1,146 @@
+"""model.pt: exact round trip, and one CheckpointError (naming the file) for every bad file."""
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+
+import models
+from models import dvad as D
+from models.base import ScoreStats
+from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = models.create_model("dvad", **D.DVADConfig.tiny(num_classes=2).to_dict())
+    with torch.no_grad():   # make every part matter, including the zero-initialised adapter gates
+        for m in model.modules():
+            if isinstance(m, D.HyperAdapter):
+                m.gate.normal_()
+    model.score_stats = ScoreStats(low=0.1, threshold=0.4, map_low=0.05, map_threshold=0.4,
+                                   method="quantile", false_alarm_rate=0.01, n_images=7)
+    model.class_names = ["a", "b"]
+    path = tmp_path_factory.mktemp("ck") / "model.pt"
+    save_checkpoint(model, path)
+    return model.eval(), path
+
+
+def _assert_one_clear_error(path, match=None):
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(path)
+    msg = str(ei.value)
+    assert str(path) in msg and "\n" not in msg
+    if match:
+        assert match in msg, msg
+    return msg
+
+
+def test_round_trip_reproduces_scores_exactly(saved):
+    model, path = saved
+    loaded = load_checkpoint(path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert loaded.config == model.config
+    assert loaded.score_stats == model.score_stats and loaded.class_names == ["a", "b"]
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        a0, s0 = model(x)
+        a1, s1 = loaded(x)
+    assert torch.equal(s0, s1) and torch.equal(a0, a1)
+    # weights_only loading works on the raw file too (the format promise)
+    blob = torch.load(path, weights_only=True)
+    assert json.loads(blob["meta_json"])["model"] == "dvad"
+
+
+def test_mambaad_round_trip(tmp_path):
+    torch.manual_seed(1)
+    m = models.create_model("mambaad", **D.MambaADConfig.tiny().to_dict()).eval()
+    save_checkpoint(m, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m(x)[1], loaded(x)[1])
+    assert loaded.model_name == "mambaad" and loaded.config.use_hyper is False
+
+
+def test_truncated_file(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 100, 10):
+        p = tmp_path / f"cut{cut}.pt"
+        p.write_bytes(data[:cut])
+        _assert_one_clear_error(p)
+
+
+def test_foreign_files(tmp_path):
+    p = tmp_path / "text.pt"
+    p.write_text("hello")
+    _assert_one_clear_error(p, "not a PyTorch zip checkpoint")
+    z = tmp_path / "other.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("readme.txt", "not torch")
+    _assert_one_clear_error(z)
+    t = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), t)
+    _assert_one_clear_error(t, "not an edge-ad checkpoint")
+    d = tmp_path / "dict.pt"
+    torch.save({"state_dict": {}, "meta_json": json.dumps({"format": "something-else"})}, d)
+    _assert_one_clear_error(d, "format")
+    # a pickle that would run code / build arbitrary objects is refused by weights_only
+    e = tmp_path / "evil.pt"
+    torch.save({"meta_json": "{}", "state_dict": {}, "obj": io.BytesIO(b"x")}, e)
+    _assert_one_clear_error(e, "weights_only")
+    _assert_one_clear_error(tmp_path / "absent.pt", "not found")
+
+
+def test_tampered_weights_and_metadata(saved, tmp_path):
+    _, path = saved
+    blob = torch.load(path, weights_only=True)
+    sd = dict(blob["state_dict"])
+    k = next(k for k in sd if k.endswith("in_proj.weight"))
+    sd[k] = sd[k].clone()
+    sd[k].view(-1)[0] += 1e-3
+    p = tmp_path / "tampered.pt"
+    torch.save(dict(blob, state_dict=sd), p)
+    _assert_one_clear_error(p, "sha256")
+    meta = json.loads(blob["meta_json"])
+    meta["format_version"] = 99
+    p2 = tmp_path / "newer.pt"
+    torch.save(dict(blob, meta_json=json.dumps(meta)), p2)
+    _assert_one_clear_error(p2, "newer")
+    meta = json.loads(blob["meta_json"])
+    meta["config"]["dims"] = [64, 32, 16, 16]          # config that no longer fits the weights
+    p3 = tmp_path / "mismatch.pt"
+    torch.save(dict(blob, meta_json=json.dumps(meta)), p3)
+    _assert_one_clear_error(p3, "do not fit")
+    meta = json.loads(blob["meta_json"])
+    meta["config"]["no_such_field"] = 1
+    p4 = tmp_path / "badcfg.pt"
+    torch.save(dict(blob, meta_json=json.dumps(meta)), p4)
+    _assert_one_clear_error(p4, "no_such_field")
+
+
+def test_flipped_bytes_never_escape_as_other_errors(saved, tmp_path):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    for i, pos in enumerate((len(data) // 3, len(data) // 2, 2 * len(data) // 3)):
+        bad = bytearray(data)
+        bad[pos] ^= 0xFF
+        p = tmp_path / f"flip{i}.pt"
+        p.write_bytes(bytes(bad))
+        try:
+            meta, sd = read_checkpoint(p)
+        except CheckpointError as e:
+            assert str(p) in str(e)
+        else:   # the flip hit a byte that does not matter (zip padding): must still load the same
+            assert meta["model"] == "dvad" and len(sd) > 0
