@@ -107,9 +107,24 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
     return summary
 
 
+def open_remote(uri: str):
+    """A RemoteEngine (runtime.remote) for a served model; StreamError when unreachable."""
+    try:
+        from .remote import RemoteEngine
+    except ImportError as e:   # pragma: no cover - part of this package
+        raise StreamError(f"--remote needs runtime.remote: {e}") from None
+    try:
+        return RemoteEngine.from_uri(uri)
+    except ValueError as e:
+        raise StreamError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.stream", description=__doc__.splitlines()[0])
-    p.add_argument("--engine", required=True, help="model.onnx | model.engine | model.pt2 | model.pt")
+    eng = p.add_mutually_exclusive_group(required=True)
+    eng.add_argument("--engine", help="model.onnx | model.engine | model.pt2 | model.pt")
+    eng.add_argument("--remote", help="a served engine: grpc://HOST:PORT/MODEL or http://HOST:PORT/MODEL "
+                                      "(runtime.serve / Triton; see runtime.remote)")
     p.add_argument("--source", required=True, help="linesim://... genicam://X.cti aravis://IP pylon://emu "
                                                    "file.mp4 rtsp://... v4l2:///dev/video0 DIR")
     p.add_argument("--backend", default=None, help="auto (default), ort-cpu, ort-cuda, ort-trt, tensorrt, aoti, torch")
@@ -142,19 +157,25 @@ def main(argv=None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    remote = None
     try:
         cfg = StreamConfig(tile=args.tile, stride=args.stride, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, overload=args.overload,
                            pixel_threshold=args.pixel_threshold, min_area=args.min_area,
                            line_pitch_mm=args.line_pitch_mm, pixel_pitch_mm=args.pixel_pitch_mm)
         console = None if args.quiet else (lambda s: print(s, flush=True))
-        summary = run_stream(args.engine, args.source, backend=args.backend, config=cfg,
+        if args.remote:
+            remote = open_remote(args.remote)
+        summary = run_stream(remote or args.engine, args.source, backend=args.backend, config=cfg,
                              duration_s=args.duration, out_dir=args.out, metrics_port=args.metrics_port,
                              metrics_host=args.metrics_host, webhook=args.webhook, console=console,
                              stop_event=stop, threads=args.threads)
     except (StreamError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if remote is not None:
+            remote.close()
     print(json.dumps(summary, indent=2, default=str))
     return 1 if summary.get("error") else 0
 
