@@ -1,0 +1,170 @@
+"""Evaluate a checkpoint on the test split of MVTec-layout data: metrics, JSON, PNG overlays.
+
+    python -m models.evaluate --ckpt model.pt --data DIR [--classes a,b] [--out DIR]
+        [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu]
+
+Library: `evaluate(ckpt_or_model, data, out_dir=None, ...) -> result dict`
+    {"per_class": {name: {metric: value}}, "mean": {...}, "table": str, "n_images": int,
+     "threshold": {...confusion at the saved threshold...}, "overlays": [paths]}
+Metrics are `models.metrics.MetricAccumulator` (image AUROC / AP / F1-max, pixel AUROC / AP /
+F1-max / AUPRO, mAD; fractions in [0, 1]); the table prints percentages. In `out_dir`:
+`metrics.json` and `overlays/{worst,best}_*.png` - a caption strip (class/defect, score, threshold)
+over a row of three panels at the model's input size: the image, the anomaly map as a heatmap over it, and the ground-truth mask outline
+(green) with the thresholded map outline (red). "Worst" are the highest-scored normal images
+and the lowest-scored defective ones; "best" the reverse.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+
+
+def _denormalise(x: np.ndarray, mean, std) -> np.ndarray:
+    """(C, S, S) normalised -> uint8 (S, S, 3) RGB."""
+    img = x * np.asarray(std, np.float32).reshape(-1, 1, 1) + np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    img = np.clip(img.transpose(1, 2, 0) * 255.0, 0, 255).astype(np.uint8)
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def render_overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.ndarray], stats,
+                   title: str = "") -> np.ndarray:
+    """Three panels side by side (uint8 BGR, for cv2.imwrite): image | heatmap | outlines."""
+    import cv2
+
+    bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    norm = np.clip(0.5 * (amap - stats.map_low) / max(stats.map_threshold - stats.map_low, 1e-12), 0, 1)
+    heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    blend = cv2.addWeighted(bgr, 0.5, heat, 0.5, 0)
+    outl = bgr.copy()
+    if mask is not None and mask.any():
+        cnts, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(outl, cnts, -1, (0, 255, 0), 1)
+    pred = (amap >= stats.map_threshold).astype(np.uint8)
+    if pred.any():
+        cnts, _ = cv2.findContours(pred, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(outl, cnts, -1, (0, 0, 255), 1)
+    row = np.concatenate([bgr, blend, outl], axis=1)
+    if title:   # a caption strip above the panels, the font scaled to the row width
+        scale = float(np.clip(row.shape[1] / 1200.0, 0.3, 0.8))
+        (tw, th), base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        strip = np.zeros((th + base + 6, row.shape[1], 3), np.uint8)
+        cv2.putText(strip, title, (3, th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+        row = np.concatenate([strip, row], axis=0)
+    return row
+
+
+def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, workers: int = 0,
+             n_overlays: int = 4, device: str = "cpu", progress: bool = True) -> dict:
+    """Score the test split of `data` with a checkpoint (path) or a loaded model.
+
+    Maps are streamed into the metric accumulator batch by batch (memory does not grow with the
+    number of images); the few overlay images are scored again at the end.
+    """
+    from tqdm import tqdm
+
+    from .data import AnomalyDataset, scan_mvtec
+    from .metrics import MetricAccumulator, format_table, jsonable
+
+    model = load_checkpoint(ckpt) if isinstance(ckpt, (str, pathlib.Path)) else ckpt
+    model = model.to(device).eval()
+    pp = model.preprocess
+    samples, names = scan_mvtec(data, classes, "test")
+    ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
+    acc = MetricAccumulator()
+    scores, labels, indices = [], [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+            amap, score = model(batch["image"].to(device))
+            s = score.float().cpu().numpy().astype(np.float64)
+            lab = np.asarray(batch["label"])
+            acc.update(s, lab, maps=amap[:, 0].float().cpu().numpy(),
+                       masks=(batch["mask"][:, 0] > 0.5).numpy(), class_ids=np.asarray(batch["class_id"]))
+            scores.append(s)
+            labels.append(lab)
+            indices.append(np.asarray(batch["index"]))
+    scores, labels, indices = np.concatenate(scores), np.concatenate(labels), np.concatenate(indices)
+    res = acc.compute(class_names=names)
+    res["table"] = format_table(res)
+    res["n_images"] = int(len(ds))
+    st = model.score_stats
+    pred = scores >= st.threshold
+    y = labels == 1
+    res["threshold"] = dict(value=st.threshold, method=st.method,
+                            tp=int((pred & y).sum()), fp=int((pred & ~y).sum()),
+                            tn=int((~pred & ~y).sum()), fn=int((~pred & y).sum()))
+    res["model"] = getattr(model, "model_name", "?")
+    res["checkpoint"] = str(ckpt) if isinstance(ckpt, (str, pathlib.Path)) else None
+    res["scores"] = {"index": indices.tolist(), "score": scores.tolist(), "label": labels.tolist()}
+    res["overlays"] = []
+    if out_dir is not None:
+        out = pathlib.Path(out_dir)
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+        res["overlays"] = _write_overlays(model, ds, scores, labels, indices, st, out / "overlays",
+                                          n_overlays, pp, device)
+        (out / "metrics.json").write_text(json.dumps(jsonable(res), indent=2))
+    return res
+
+
+def _write_overlays(model, ds, scores, labels, indices, stats, folder: pathlib.Path, k: int, pp, device):
+    import cv2
+
+    good, bad = np.nonzero(labels == 0)[0], np.nonzero(labels == 1)[0]
+    good = good[np.argsort(-scores[good], kind="stable")]   # highest normal first (false alarms)
+    bad = bad[np.argsort(scores[bad], kind="stable")]       # lowest defect first (misses)
+    picks = [("worst", "good", i) for i in good[:k]] + [("worst", "defect", i) for i in bad[:k]]
+    picks += [("best", "good", i) for i in good[::-1][:k]] + [("best", "defect", i) for i in bad[::-1][:k]]
+    paths = []
+    for kind, lab, i in picks:
+        j = int(indices[i])
+        s, item = ds.samples[j], ds[j]
+        with torch.no_grad():
+            amap, _ = model(item["image"][None].to(device))
+        img = _denormalise(item["image"].numpy(), pp.mean, pp.std)
+        title = f"{s.class_name}/{s.defect_type} {scores[i]:.3f} thr {stats.threshold:.3f}"
+        row = render_overlay(img, amap[0, 0].float().cpu().numpy(), item["mask"][0].numpy() > 0.5, stats, title)
+        p = folder / f"{kind}_{lab}_{s.class_name}_{s.defect_type}_{s.path.stem}.png"
+        cv2.imwrite(str(p), row)
+        paths.append(str(p))
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--data", required=True, help="MVTec-layout folder with test/ (and ground_truth/)")
+    ap.add_argument("--classes", default=None)
+    ap.add_argument("--out", default=None, help="folder for metrics.json and overlays/")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--overlays", type=int, default=4, help="images per worst/best x good/defect group")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    try:
+        res = evaluate(a.ckpt, a.data, a.out, a.classes, a.batch_size, a.workers, a.overlays, a.device,
+                       progress=not a.no_progress)
+    except (CheckpointError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(res["table"])
+    t = res["threshold"]
+    print(f"at the saved threshold {t['value']:.5f} ({t['method']}): TP {t['tp']} FP {t['fp']} "
+          f"TN {t['tn']} FN {t['fn']}")
+    if a.out:
+        print(f"wrote {pathlib.Path(a.out) / 'metrics.json'} and {len(res['overlays'])} overlays")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""models.evaluate: per-class metrics equal sklearn on the model's own outputs; JSON; overlays; CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models import dvad as D
+from models.checkpoint import load_checkpoint
+from models.data import AnomalyDataset, scan_mvtec
+from models.evaluate import evaluate, main
+from models.synthetic import generate_dataset
+from models.train import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ev")
+    root = generate_dataset(tmp / "data", classes=("texture", "object"), n_train=6, n_test_good=4,
+                            n_test_defect=5, size=64, seed=4)
+    ckpt = tmp / "model.pt"
+    # one short epoch: evaluation plumbing is under test here, not the model's quality
+    train(root, model="dvad", epochs=1, out=ckpt, batch_size=4, config=D.DVADConfig.tiny().to_dict(),
+          progress=False, log=lambda m: None)
+    return root, ckpt, tmp
+
+
+def test_metrics_match_sklearn_and_files_are_written(setup):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    root, ckpt, tmp = setup
+    out = tmp / "eval"
+    res = evaluate(ckpt, root, out, n_overlays=2, progress=False)
+    # independent recomputation: the model on each test image alone, sklearn on the results
+    model = load_checkpoint(ckpt)
+    pp = model.preprocess
+    samples, names = scan_mvtec(root, None, "test")
+    ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
+    assert names == ["object", "texture"] and res["n_images"] == len(ds) == 18
+    per = {n: dict(s=[], y=[], maps=[], masks=[]) for n in names}
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            amap, score = model(item["image"][None])
+            d = per[names[item["class_id"]]]
+            d["s"].append(float(score))
+            d["y"].append(item["label"])
+            d["maps"].append(amap[0, 0].numpy().ravel())
+            d["masks"].append(item["mask"][0].numpy().ravel() > 0.5)
+    for n in names:
+        d = per[n]
+        got = res["per_class"][n]
+        assert got["image_auroc"] == pytest.approx(roc_auc_score(d["y"], d["s"]), abs=1e-6)
+        assert got["image_ap"] == pytest.approx(average_precision_score(d["y"], d["s"]), abs=1e-6)
+        m, k = np.concatenate(d["maps"]), np.concatenate(d["masks"])
+        assert got["pixel_auroc"] == pytest.approx(roc_auc_score(k, m), abs=2e-3)
+        assert 0.0 <= got["pixel_aupro"] <= 1.0
+    assert res["mean"]["image_auroc"] == pytest.approx(
+        np.mean([res["per_class"][n]["image_auroc"] for n in names]), abs=1e-9)
+    t = res["threshold"]
+    assert t["tp"] + t["fp"] + t["tn"] + t["fn"] == 18 and t["tp"] + t["fn"] == 10
+    # JSON written and equal to the returned numbers
+    saved = json.loads((out / "metrics.json").read_text())
+    for n in names:
+        for key, v in res["per_class"][n].items():
+            if isinstance(v, float) and not np.isnan(v):
+                assert saved["per_class"][n][key] == pytest.approx(v)
+    # overlays: worst/best x good/defect, 2 each; caption over three panels at the input size
+    cv2 = pytest.importorskip("cv2")
+    assert len(res["overlays"]) == 8
+    kinds = sorted(p.split("/")[-1].split("_")[0] + "_" + p.split("/")[-1].split("_")[1] for p in res["overlays"])
+    assert kinds == ["best_defect"] * 2 + ["best_good"] * 2 + ["worst_defect"] * 2 + ["worst_good"] * 2
+    for p in res["overlays"]:
+        img = cv2.imread(p)
+        assert img is not None and img.shape[1:] == (192, 3) and 64 < img.shape[0] < 96
+    # the worst normal image really is the highest-scored normal one
+    sc = np.array(res["scores"]["score"])
+    lab = np.array(res["scores"]["label"])
+    worst_good = [p for p in res["overlays"] if "/worst_good_" in p][0]
+    top = int(np.array(res["scores"]["index"])[lab == 0][np.argmax(sc[lab == 0])])
+    assert ds.samples[top].path.stem in worst_good
+
+
+def test_cli(setup, capsys, tmp_path):
+    root, ckpt, _ = setup
+    assert main(["--ckpt", str(ckpt), "--data", str(root), "--classes", "texture", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "texture" in out and "object" not in out and "threshold" in out
+    bad = tmp_path / "nope.pt"
+    assert main(["--ckpt", str(bad), "--data", str(root), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
