@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import os
 import pathlib
 import signal
 import socket
@@ -205,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         JetsonProbe, host_info = None, None
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
     probe = JetsonProbe() if JetsonProbe else None
     if probe:
         probe.__enter__()
@@ -217,8 +219,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res["command"] = "python -m benchmarks.serve " + " ".join(sys.argv[1:] if argv is None else argv)
     res["host"] = host_info("cpu") if host_info else {}
     res["jetson"] = probe.report() if probe else "not available"
+    # other work on the host skews every number: record the load around the run
+    res["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     out.write_text(json.dumps(res, indent=2, default=str))
     print(markdown(res))
+    print(f"\nhost load average (1 min) before/after: {res['loadavg_1m_before_after']}, "
+          f"{os.cpu_count()} CPUs")
     print(f"\nwrote {out}")
     return 0
 
