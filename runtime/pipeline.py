@@ -218,13 +218,18 @@ class Pipeline:
     # ------------------------------------------------------------------------------------
     def _put(self, q: queue.Queue, item, evict: Optional[Callable] = None) -> bool:
         """Put with the overload policy; `evict(item)` accounts an evicted oldest item.
-        Returns False when the pipeline was hard-stopped before the item could be queued."""
+        drop-oldest never waits: a full queue loses its oldest item at once. block waits (in
+        _POLL steps, so stop events are seen). Returns False when hard-stopped first."""
+        drop = evict is not None and self.cfg.overload == "drop-oldest"
         while not self.hard_stop.is_set():
             try:
-                q.put(item, timeout=_POLL)
+                if drop:
+                    q.put_nowait(item)
+                else:
+                    q.put(item, timeout=_POLL)
                 return True
             except queue.Full:
-                if evict is not None and self.cfg.overload == "drop-oldest":
+                if drop:
                     try:
                         evict(q.get_nowait())
                     except queue.Empty:

@@ -153,14 +153,15 @@ class LineAssembler:
     def _band(self, y0: int, rows: int, own0: int, own1: int, last: bool) -> Band:
         r0 = y0 - self._base
         block = self._ring[r0:r0 + rows]
-        if rows < self.tile_h:   # short segment: pad by repeating the edge rows
-            block = np.concatenate([block, np.repeat(block[-1:], self.tile_h - rows, axis=0)], axis=0)
+        if rows < self.tile_h:   # short segment: pad by mirroring its rows (looks like material)
+            block = np.pad(block, ((0, self.tile_h - rows), (0, 0), (0, 0)), mode="symmetric")
         tiles = np.empty((len(self.x_starts), self.tile_h, self.tile_w, self.channels), np.uint8)
         for i, x0 in enumerate(self.x_starts):
             w = min(self.tile_w, self.width - x0)
             tiles[i, :, :w] = block[:, x0:x0 + w]
-            if w < self.tile_w:
-                tiles[i, :, w:] = tiles[i, :, w - 1:w]
+            if w < self.tile_w:   # camera narrower than a tile: mirror the columns
+                tiles[i, :, w:] = np.pad(block[:, x0:x0 + w], ((0, 0), (0, self.tile_w - w), (0, 0)),
+                                         mode="symmetric")[:, w:]
         t_new = int(self._t[r0 + rows - 1])
         t_old = int(self._t[own0 - self._base]) if own1 > own0 else t_new
         b = Band(self._seq, self._segment, y0, rows, own0, own1, list(self.x_starts), t_new, t_old,
