@@ -632,6 +632,9 @@ class GenICamSource(Source):
         self._tracker = _IndexTracker(wrap=1 << 64)
 
     def _open(self) -> None:
+        # a reopened device may restart its frame counter: number buffers afresh (the
+        # pipeline estimates the gap across the reconnect from time and the line rate)
+        self._tracker = _IndexTracker(wrap=1 << 64)
         uri, p = self.uri, self.p
         self._h = _Harvester()
         self._h.add_file(str(self.cti))
@@ -762,6 +765,9 @@ class AravisSource(Source):
         self._tracker = _IndexTracker()
 
     def _open(self) -> None:
+        # a reopened device may restart its frame counter: number buffers afresh (the
+        # pipeline estimates the gap across the reconnect from time and the line rate)
+        self._tracker = _IndexTracker()
         Aravis = _require_aravis()
         uri, p = self.uri, self.p
         try:
@@ -870,6 +876,9 @@ class PylonSource(Source):
         self._tracker = _IndexTracker(wrap=1 << 64)
 
     def _open(self) -> None:
+        # a reopened device may restart its frame counter: number buffers afresh (the
+        # pipeline estimates the gap across the reconnect from time and the line rate)
+        self._tracker = _IndexTracker(wrap=1 << 64)
         pylon, uri, p = self.pylon, self.uri, self.p
         tl = pylon.TlFactory.GetInstance()
         devs = [d for d in tl.EnumerateDevices()

@@ -235,3 +235,36 @@ def test_cli_streams_and_prints_the_summary(padim_checkpoint, tmp_path, capsys):
     s = json.loads(capsys.readouterr().out)
     assert s["lines_in"] == s["lines_scored"] == 128 and s["accounting_ok"]
     assert json.loads((tmp_path / "summary.json").read_text())["lines_in"] == 128
+
+
+def test_aravis_camera_that_goes_away_is_reopened_with_backoff(torch_engine):
+    import gc
+    import time
+
+    from tests.runtime.test_sources import _aravis
+
+    Aravis = _aravis()
+    cam = Aravis.GvFakeCamera.new("127.0.0.1", "EDGEAD03")
+    if cam is None or not cam.is_running():
+        pytest.skip("Aravis fake camera could not listen on 127.0.0.1")
+    src = open_source("aravis://127.0.0.1?width=128&height=32&rate=3200&timeout=0.5")
+    pipe = Pipeline(torch_engine, src, StreamConfig(tile=TILE, overload="drop-oldest", reconnect_backoff_s=0.2)).start()
+    try:
+        pipe.wait(1.5)
+        before = pipe.snapshot()["lines_in"]
+        del cam                       # the camera goes away (its thread stops, nothing answers)
+        gc.collect()
+        pipe.wait(1.5)
+        cam = Aravis.GvFakeCamera.new("127.0.0.1", "EDGEAD03")   # ... and comes back
+        deadline = time.monotonic() + 15
+        while pipe.snapshot()["reconnects"] == 0 and time.monotonic() < deadline:
+            pipe.wait(0.2)
+        pipe.wait(1.0)
+    finally:
+        s = pipe.finish()
+    _check_accounting(s)
+    assert before > 0
+    assert s["reconnects"] == 1
+    assert s["dropped"]["reconnect_gap"] > 0      # estimated from the time away x line rate
+    assert s["lines_in"] > before + s["dropped"]["reconnect_gap"]   # lines arrived after the reopen
+    del cam
