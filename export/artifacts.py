@@ -173,7 +173,6 @@ def read_metadata(path, expect: Optional[Dict[str, Any]] = None, require_sidecar
         return meta
     from models.checkpoint import FORMAT, FORMAT_VERSION
 
-    embedded = read_embedded(path)
     side_p = sidecar_path(path)
     side = None
     if side_p.is_file():
@@ -190,7 +189,8 @@ def read_metadata(path, expect: Optional[Dict[str, Any]] = None, require_sidecar
         if got != want:
             raise ArtifactError(f"{path}: sha256 {got[:16]}... does not match its sidecar's artifact_sha256 "
                                 f"{str(want)[:16]}... (artifact modified or replaced after export; re-export it)")
-    elif require_sidecar or embedded is None:
+    embedded = read_embedded(path)   # after the hash check: a tampered file gets the hash message
+    if side is None and (require_sidecar or embedded is None):
         raise ArtifactError(f"{path}: sidecar metadata {side_p.name} not found next to the artifact "
                             "(export writes both; copy them together)")
     if embedded is not None and side is not None and _strip(side) != embedded:
