@@ -268,3 +268,38 @@ def test_aravis_camera_that_goes_away_is_reopened_with_backoff(torch_engine):
     assert s["dropped"]["reconnect_gap"] > 0      # estimated from the time away x line rate
     assert s["lines_in"] > before + s["dropped"]["reconnect_gap"]   # lines arrived after the reopen
     del cam
+
+
+def test_hard_stop_and_a_dead_stage_never_hang_and_keep_the_accounting(torch_engine, monkeypatch):
+    import time
+
+    real = torch_engine.infer
+
+    def slow(frames):              # fault injection: an engine far slower than the camera
+        time.sleep(0.3)
+        return real(frames)
+
+    monkeypatch.setattr(torch_engine, "infer", slow)
+    src = open_source(SIM + "&rate=0&lines=32")
+    pipe = Pipeline(torch_engine, src, StreamConfig(tile=TILE, stride=48, overload="block", max_batch=4,
+                                                    drain_timeout_s=0.5)).start()
+    pipe.wait(1.0)
+    t0 = time.monotonic()
+    s = pipe.finish()
+    assert time.monotonic() - t0 < 8
+    assert s["hard_stopped"] and s["dropped"]["shutdown"] > 0
+    _check_accounting(s, src)
+
+    # a stage that dies (here: the postprocess callback raises) stops the pipeline, no hang
+    def boom(band, rec):
+        raise RuntimeError("sink exploded")
+
+    monkeypatch.setattr(torch_engine, "infer", real)
+    src = open_source(SIM + "&rate=0&lines=32")
+    pipe = Pipeline(torch_engine, src, StreamConfig(tile=TILE, overload="block"), on_band=boom).start()
+    assert pipe.wait(30), "pipeline did not stop after a stage died"
+    t0 = time.monotonic()
+    s = pipe.finish()
+    assert time.monotonic() - t0 < 8
+    assert "sink exploded" in s["error"]
+    _check_accounting(s, src)
