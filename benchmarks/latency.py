@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import datetime as _dt
 import json
@@ -51,7 +52,7 @@ ROW_FIELDS = (
     "backend", "precision", "batch", "device", "status", "reason", "model", "role",
     "n", "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms", "images_per_s",
     "load_s", "first_call_ms", "host_load_mib", "host_infer_peak_mib", "host_mem_method",
-    "device_torch_peak_mib", "device_used_delta_mib", "stages_ms", "stages_note",
+    "device_load_mib", "device_torch_peak_mib", "device_used_delta_mib", "stages_ms", "stages_note",
     "score_max_abs_diff", "artifact", "notes",
 )
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out"
@@ -216,8 +217,10 @@ class Runner:
 
     stages_note = ""
 
-    def __init__(self, backend: str, precision: str, device: str, model, size: int, workdir):
+    def __init__(self, backend: str, precision: str, device: str, model, size: int, workdir,
+                 max_batch: int = 32):
         self.backend, self.precision, self.device = backend, precision, device
+        self.max_batch = int(max_batch)
         self.model, self.size, self.workdir = model, size, pathlib.Path(workdir)
         self.artifact: Optional[str] = None
         self.notes: List[str] = []
@@ -254,11 +257,12 @@ class TorchRunner(Runner):
             raise Unavailable("fp16 eager/compile is measured on CUDA only (CPU fp16 kernels are "
                               "emulated and not a deployment path)")
         if self.compiled:
-            from torch._inductor import cpp_builder  # noqa: F401  (fails early if inductor is absent)
+            from torch._inductor import cpp_builder  # noqa: F401  (fails early if Inductor is absent)
 
             if not self.device.startswith("cuda") and not (shutil.which("g++") or shutil.which("clang++")):
                 raise Unavailable("torch.compile on CPU needs a C++ compiler (g++ or clang++), none found")
-        self.deploy = _deploy(self.model, self.size).to(self.device)
+        model = self.model if self.device == "cpu" else copy.deepcopy(self.model)   # exporters get a CPU model
+        self.deploy = _deploy(model, self.size).to(self.device)
         self.graph = torch.compile(self.deploy, dynamic=False) if self.compiled else None
         self.notes.append("fp16 via torch.autocast" if self.precision == "fp16" else "")
         self.stats = self.model.score_stats
@@ -423,8 +427,11 @@ class EngineRunner(Runner):
         export_fn = _probe(module, names)
         load_engine = _probe("runtime.engines", ("load_engine",))
         path = self.workdir / f"{self.precision}.{file_name}"
+        onnx_fp32 = self.workdir / "model.onnx"
         _call_exporter(export_fn, self.model, path, frame_hw=(self.size, self.size), frame_channels=3,
-                       precision=self.precision, device=self.device, check=False, quiet=True)
+                       precision=self.precision, device=self.device, check=False, quiet=True,
+                       min_batch=1, opt_batch=min(8, self.max_batch), max_batch=self.max_batch,
+                       onnx_fp32=onnx_fp32 if onnx_fp32.is_file() else None)
         self.artifact = str(path)
         self.engine = load_engine(path, backend=engine_backend, device=self.device)
         self.stats = self.model.score_stats
@@ -436,13 +443,38 @@ class EngineRunner(Runner):
             return postprocess(out["anomaly_map"], out["score"], out["normalized_score"], self.stats)
 
 
-def make_runner(backend, precision, device, model, ref_model, size, workdir) -> Runner:
+def _machine_lacks(backend: str) -> List[str]:
+    """What this machine misses for `backend` whatever the flags (to make reasons complete)."""
+    import importlib.util
+
+    import torch
+
+    lacks = []
+    if "cuda" in BACKENDS[backend].devices and BACKENDS[backend].devices == ("cuda",) \
+            and not torch.cuda.is_available():
+        lacks.append("a CUDA device")
+    if backend == "trt" and importlib.util.find_spec("tensorrt") is None:
+        lacks.append("tensorrt (not importable)")
+    if backend in OrtRunner.PROVIDERS and backend != "ort":
+        try:
+            import onnxruntime as ort
+
+            if OrtRunner.PROVIDERS[backend] not in ort.get_available_providers():
+                lacks.append(f"onnxruntime's {OrtRunner.PROVIDERS[backend]} (pip install onnxruntime-gpu)")
+        except ImportError:
+            lacks.append("onnxruntime")
+    return lacks
+
+
+def make_runner(backend, precision, device, model, ref_model, size, workdir, max_batch=32) -> Runner:
     spec = BACKENDS[backend]
     if not any(device.startswith(d) for d in spec.devices):
-        raise Unavailable(f"{spec.description} runs on {'/'.join(spec.devices)}, not --device {device}")
+        lacks = _machine_lacks(backend)
+        raise Unavailable(f"{spec.description} runs on {'/'.join(spec.devices)}, not --device {device}"
+                          + (f"; this machine also lacks: {', '.join(lacks)}" if lacks else ""))
     if precision not in spec.precisions:
         raise Unavailable(f"{precision} not offered by {backend} (offers {', '.join(spec.precisions)})")
-    args = (backend, precision, device, ref_model if backend == "padim" else model, size, workdir)
+    args = (backend, precision, device, ref_model if backend == "padim" else model, size, workdir, max_batch)
     if backend in ("torch", "padim"):
         return TorchRunner(*args)
     if backend == "compile":
@@ -556,7 +588,6 @@ def _blank_row(backend, precision, batch, device, role, model_name) -> dict:
 
 def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, progress=True) -> dict:
     """Time every (backend, precision, batch); returns the result dict (schema SCHEMA)."""
-    import torch
     from tqdm import tqdm
 
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -572,10 +603,15 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
             role = "reference" if backend in REFERENCE_BACKENDS else "backend"
             name = ref_model.model_name if backend == "padim" else model.model_name
             key = (backend, precision)
-            reason = settings.skip.get(backend)
+            reason = None
+            try:
+                r = make_runner(backend, precision, device, model, ref_model, size, workdir,
+                                max_batch=max(settings.batches))
+            except Unavailable as e:
+                reason = str(e)
+            reason = reason or settings.skip.get(backend)
             if reason is None:
                 try:
-                    r = make_runner(backend, precision, device, model, ref_model, size, workdir)
                     log(f"[bench] loading {backend} {precision} ...")
                     with timing.HostMemory() as hm, timing.DeviceMemory(device) as dm:
                         t0 = time.perf_counter()
@@ -583,7 +619,8 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
                         load_s = time.perf_counter() - t0
                     runners[key] = r
                     load_info[key] = dict(load_s=load_s, host_load_mib=timing.mib(hm.peak_delta_bytes),
-                                          host_mem_method=hm.method)
+                                          host_mem_method=hm.method,
+                                          device_load_mib=timing.mib(dm.device_used_delta_bytes))
                 except Unavailable as e:
                     reason = str(e)
                 except Exception as e:   # a backend that breaks must not stop the others
@@ -594,13 +631,8 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
                 rows.append(row)
                 log(f"[bench] {backend} {precision}: unavailable - {reason}")
 
-    # frames and the fp32 eager reference outputs (for score_max_abs_diff)
     rng = np.random.default_rng(0)
     frames = {b: rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for b in settings.batches}
-    reference_scores = {}
-    if ("torch", "fp32") in runners:
-        for b in settings.batches:
-            reference_scores[b] = runners[("torch", "fp32")].run(frames[b])["score"].astype(np.float64)
 
     candidates: List[timing.Candidate] = []
     meta: Dict[int, dict] = {}
@@ -622,6 +654,15 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
                            progress=lambda r: bar.update(1))
     bar.close()
 
+    # the fp32 eager outputs of the same frames, for score_max_abs_diff (after timing: the first
+    # calls above stay real first calls)
+    reference_scores = {}
+    if ("torch", "fp32") in runners:
+        for b in settings.batches:
+            try:
+                reference_scores[b] = runners[("torch", "fp32")].run(frames[b])["score"].astype(np.float64)
+            except Exception:   # its own row reports the error
+                pass
     for c in candidates:
         m = meta[id(c)]
         r, (backend, precision), b = m["runner"], m["key"], m["batch"]
@@ -795,9 +836,12 @@ def write_plot(result, path) -> Optional[str]:
         b = [p[0] for p in pts]
         a1.plot(b, [p[1] for p in pts], marker="o", label=name)
         a2.plot(b, [p[2] for p in pts], marker="o", label=name)
+    batches = sorted({p[0] for pts in series.values() for p in pts})
     for ax, yl, t in ((a1, "median latency per batch (ms)", "latency vs batch"),
                       (a2, "images / s", "throughput vs batch")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("batch")
         ax.set_ylabel(yl)

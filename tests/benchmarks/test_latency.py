@@ -2,7 +2,6 @@
 written files, and --compare ratios computed from the two JSONs."""
 import csv
 import json
-import math
 import subprocess
 import sys
 
@@ -54,6 +53,14 @@ def test_quick_lists_what_did_not_run_with_a_reason(quick_run):
     by = {r["backend"]: r for r in rows}
     assert "--device cpu" in by["ort-cuda"]["reason"] or "CUDA" in by["ort-cuda"]["reason"]
     assert "--quick" in by["compile"]["reason"]
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("tensorrt") is None:   # the machine's own lack is named, not hidden
+        assert "tensorrt" in by["trt"]["reason"]
+    if not torch.cuda.is_available():
+        assert "CUDA device" in by["trt"]["reason"] and "CUDA device" in by["ort-cuda"]["reason"]
     assert res["jetson"] == "not available" or "nvpmodel" in res["jetson"]
     assert res["host"]["cpu_count"] >= 1
 
