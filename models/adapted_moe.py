@@ -42,6 +42,7 @@ _ROUTING = ("auto", "class", "cluster")
 class AdaptedMoEConfig(ConfigBase):
     input_size: int = 256
     encoder: str = "efficientnet_lite0"
+    encoder_weights: Optional[str] = None     # path to the encoder's weights (see models.encoders)
     layers: Tuple[int, ...] = (1, 2)      # indices into the encoder's (stride 4, 8, 16) features
     feature_dim: int = 0                  # D of the projection; 0 = sum of the chosen channels
     num_experts: int = 4
@@ -147,11 +148,12 @@ class Expert(nn.Module):
 @register_model("adapted_moe")
 class AdaptedMoE(AnomalyModel):
     config_class = AdaptedMoEConfig
+    frozen_encoder = True     # models.train may cache `encode(x)` outputs (no augmentation)
 
     def __init__(self, config: AdaptedMoEConfig, pretrained: bool = True):
         super().__init__(config, pretrained)
         c = config
-        self.encoder = _enc.create_encoder(c.encoder, pretrained=pretrained)
+        self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.layer_ids = tuple(int(i) for i in c.layers)
@@ -270,9 +272,16 @@ class AdaptedMoE(AnomalyModel):
             if bool(sel.any()):
                 self.centers.data[k] = h[sel].mean(0).to(self.centers.device)
 
+    def encode(self, x) -> List[torch.Tensor]:
+        """[aggregated frozen patch features (B, Cin, h, w)] (what models.train may cache)."""
+        return [self.frozen_features(x)]
+
     def training_loss(self, x, class_id: Optional[torch.Tensor] = None):
+        return self.loss_from_features(self.encode(x), class_id)
+
+    def loss_from_features(self, feats, class_id: Optional[torch.Tensor] = None):
         c = self.config
-        fmap = self.frozen_features(x)
+        fmap = feats[0]
         emb = self.embedding(fmap)
         y = self.routing_labels(emb, class_id)
         h, logits = self.router(emb)

@@ -51,6 +51,7 @@ from .adapted_moe import iter_batches, patch_map
 class FewShotConfig(ConfigBase):
     input_size: int = 256
     encoder: str = "efficientnet_lite0"
+    encoder_weights: Optional[str] = None     # path to the encoder's weights (see models.encoders)
     layers: Tuple[int, ...] = (1, 2)          # encoder features used (indices of strides 4/8/16)
     patch_scales: Tuple[int, ...] = (1, 3, 5)  # odd windows on the feature grid
     n_shots: int = 16                        # normal images used (0 = all training images)
@@ -138,7 +139,7 @@ class FewShot(AnomalyModel):
     def __init__(self, config: FewShotConfig, pretrained: bool = True):
         super().__init__(config, pretrained)
         c = config
-        self.encoder = _enc.create_encoder(c.encoder, pretrained=pretrained)
+        self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.layer_ids = tuple(int(i) for i in c.layers)
@@ -152,6 +153,7 @@ class FewShot(AnomalyModel):
         self.register_buffer("comp_std", torch.ones(2 * S))
         self.register_buffer("weights", torch.cat([torch.full((S,), 1.0 / S), torch.zeros(S)]))
         self.register_buffer("has_anomalous", torch.zeros(()))
+        self.register_buffer("built", torch.zeros(()))
         self._extra_anomalous: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.search_log: dict = {}
 
@@ -286,6 +288,12 @@ class FewShot(AnomalyModel):
             self.anomalous_bank.zero_()
             self.has_anomalous.fill_(0.0)
         self._search_weights(xn, anomalous, torch.stack(nsrc))
+        self.built.fill_(1.0)
+
+    def finalize(self, loader) -> None:
+        """Builds the memories if prepare() was not called (a loop that only calls finalize)."""
+        if float(self.built) == 0:
+            self.prepare(loader)
 
     def _features_batched(self, x, bs: int = 8):
         outs = None

@@ -37,6 +37,7 @@ PAPER_DEPTHS = (3, 9, 9, 7)
 class OmniADConfig(ConfigBase):
     input_size: int = 256
     encoder: str = "efficientnet_lite0"
+    encoder_weights: Optional[str] = None     # path to the encoder's weights (see models.encoders)
     # decoder stage widths at strides 32/16/8/4 = width * (8, 4, 2, 1); the paper (ResNet-34)
     # uses width 64 -> [512, 256, 128, 64]
     width: int = 16
@@ -158,11 +159,12 @@ class OmniBlock(nn.Module):
 @register_model("omniad")
 class OmniAD(AnomalyModel):
     config_class = OmniADConfig
+    frozen_encoder = True     # models.train may cache `encode(x)` outputs (no augmentation)
 
     def __init__(self, config: OmniADConfig, pretrained: bool = True):
         super().__init__(config, pretrained)
         c = config
-        self.encoder = _enc.create_encoder(c.encoder, pretrained=pretrained)
+        self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         enc_ch = list(self.encoder.channels)              # strides 4, 8, 16
@@ -190,7 +192,8 @@ class OmniAD(AnomalyModel):
         self.encoder.eval()  # frozen: BN statistics stay fixed
         return self
 
-    def _encode(self, x):
+    def encode(self, x):
+        """Frozen encoder features [f4, f8, f16] (no gradient)."""
         with torch.no_grad():
             feats = list(self.encoder(x))
         return [f.detach() for f in feats]
@@ -218,12 +221,13 @@ class OmniAD(AnomalyModel):
             noise = noise * keep
         return z + noise
 
+    def loss_from_features(self, feats, class_id: Optional[torch.Tensor] = None):
+        return _layers.cosine_loss(feats, self._decode(feats, jitter=True))
+
     def training_loss(self, x, class_id: Optional[torch.Tensor] = None):
-        feats = self._encode(x)
-        recs = self._decode(feats, jitter=True)
-        return _layers.cosine_loss(feats, recs)
+        return self.loss_from_features(self.encode(x), class_id)
 
     def forward(self, x):
-        feats = self._encode(x)
+        feats = self.encode(x)
         recs = self._decode(feats, jitter=False)
         return _layers.cosine_anomaly_map(feats, recs, x.shape[-1], self.config.blur_sigma)
