@@ -33,6 +33,7 @@ import numpy as np
 
 LUMA_RGB = (0.299, 0.587, 0.114)
 PRE_SUFFIX, POST_SUFFIX = "_pre", "_post"
+ROLES = ("preprocess", "postprocess", "onnx")
 
 
 # ---- numpy pre/post-processing (what the Python-backend models run) -----------------------------
@@ -88,7 +89,8 @@ def postprocess_scores(score: np.ndarray, low: float, threshold: float) -> Tuple
 
 # ---- the Triton Python-backend model -----------------------------------------------------------
 class TritonPythonModel:
-    """role "preprocess" or "postprocess" (config parameter `role`); metadata in parameter `edge_ad`."""
+    """Config parameter `role`: "preprocess" / "postprocess" (metadata JSON in parameter `edge_ad`),
+    or "onnx": run the version folder's `model_file` (default model.onnx) with ONNX Runtime."""
 
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils  # only inside Triton
@@ -97,8 +99,19 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         self.role = params.get("role", "")
-        if self.role not in ("preprocess", "postprocess"):
-            raise ValueError(f"{cfg.get('name')}: parameter role must be preprocess or postprocess, got {self.role!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"{cfg.get('name')}: parameter role must be one of {ROLES}, got {self.role!r}")
+        if self.role == "onnx":
+            import onnxruntime as ort
+
+            path = os.path.join(args["model_repository"], args["model_version"], params.get("model_file", "model.onnx"))
+            so = ort.SessionOptions()
+            if params.get("threads"):
+                so.intra_op_num_threads = int(params["threads"])
+            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            self.input_name = self.session.get_inputs()[0].name
+            self.output_names = [o["name"] for o in cfg.get("output", [])]
+            return
         meta = json.loads(params.get("edge_ad") or "{}")
         pp = meta.get("preprocess") or {}
         st = meta.get("score_stats") or {}
@@ -112,6 +125,10 @@ class TritonPythonModel:
 
     def _one(self, request):
         pb = self.pb
+        if self.role == "onnx":
+            x = pb.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            outs = self.session.run(self.output_names, {self.input_name: x})
+            return pb.InferenceResponse(output_tensors=[pb.Tensor(n, o) for n, o in zip(self.output_names, outs)])
         if self.role == "preprocess":
             frames = pb.get_input_tensor_by_name(request, "frames").as_numpy()
             x = preprocess_frames(frames, self.input_size, self.mean, self.std, self.model_channels)
@@ -225,6 +242,37 @@ def add_prepost_ensemble(repo, core_model: str, meta: dict, name: str = "edge_ad
             shutil.copyfile(__file__, d / "1" / "model.py")
         out[model_name] = d
     return out
+
+
+def onnx_as_python_backend(repo, model_name: str, out_repo, threads: int = 0) -> pathlib.Path:
+    """Copy `repo/<model_name>` (an `onnxruntime_onnx` model, e.g. from `python -m
+    export.triton_repo`) to `out_repo`, switched to the Python backend running the same
+    model.onnx with ONNX Runtime inside the backend stub. For Triton builds without the
+    onnxruntime backend (PyTriton's bundled server, minimal images); same config otherwise
+    (inputs, outputs, reshape, dynamic batching, instances, parameters)."""
+    src = pathlib.Path(repo) / model_name
+    cfg_path = src / "config.pbtxt"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: no such model config")
+    text = cfg_path.read_text()
+    lines = text.splitlines()
+    plat = [i for i, ln in enumerate(lines) if ln.strip().startswith("platform:")]
+    if not plat or "onnxruntime_onnx" not in lines[plat[0]]:
+        raise ValueError(f"{cfg_path}: expected platform \"onnxruntime_onnx\"")
+    lines[plat[0]] = 'backend: "python"'
+    versions = sorted(p for p in src.iterdir() if p.is_dir() and p.name.isdigit())
+    files = [f.name for v in versions for f in v.glob("*.onnx")]
+    if not files:
+        raise FileNotFoundError(f"{src}: no <version>/*.onnx file")
+    lines.append(_params({"role": "onnx", "model_file": files[0], "threads": str(int(threads))}))
+    dst = pathlib.Path(out_repo) / model_name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    (dst / "config.pbtxt").write_text("\n".join(lines) + "\n")
+    for v in versions:
+        shutil.copyfile(__file__, dst / v.name / "model.py")
+    return dst
 
 
 def parse_config(path):

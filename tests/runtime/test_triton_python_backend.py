@@ -139,59 +139,117 @@ def _free_ports(n):
     return ports
 
 
+class _Tritonserver:
+    """PyTriton's bundled tritonserver on loopback ports, serving `repo` (context manager)."""
+
+    def __init__(self, tmp_path, repo, model):
+        self.httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed")
+        found = bundled_tritonserver(tmp_path / "server")
+        if found is None:
+            pytest.skip("no tritonserver with the Python backend bundled (pip install nvidia-pytriton)")
+        binary, backends, env = found
+        self.http_port, self.grpc_port, metrics_port = _free_ports(3)
+        self.log_path = tmp_path / "tritonserver.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(binary), "--model-repository", str(repo), "--backend-directory", str(backends),
+             "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
+             "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+             "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
+             "--allow-gpu-metrics", "false", "--exit-timeout-secs", "10"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = self.httpclient.InferenceServerClient(f"127.0.0.1:{self.http_port}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if self.client.is_model_ready(model):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise AssertionError(f"{model} not ready:\n{self.log_path.read_text()[-4000:]}")
+
+    def infer(self, model, frames, outputs):
+        inp = self.httpclient.InferInput("frames", list(frames.shape), "UINT8")
+        inp.set_data_from_numpy(frames)
+        res = self.client.infer(model, [inp])
+        return {n: res.as_numpy(n) for n in outputs}
+
+    def close(self):
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def test_bundled_tritonserver_serves_the_ensemble(tmp_path):
-    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed")
-    found = bundled_tritonserver(tmp_path / "server")
-    if found is None:
-        pytest.skip("no tritonserver with the Python backend bundled (pip install nvidia-pytriton)")
-    binary, backends, env = found
     hw, frame_ch = (37, 41), 1
     model = _Fake(32, 3)
     repo, _ = _repo(tmp_path, model, hw, frame_ch)
-    http_port, grpc_port, metrics_port = _free_ports(3)
-    log = open(tmp_path / "tritonserver.log", "w")
-    proc = subprocess.Popen([str(binary), "--model-repository", str(repo), "--backend-directory", str(backends),
-                             "--http-address", "127.0.0.1", "--http-port", str(http_port),
-                             "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
-                             "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
-                             "--allow-gpu-metrics", "false", "--exit-timeout-secs", "10"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
-    try:
-        deadline = time.monotonic() + 90
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                ready = client.is_model_ready("edge_ad")
-            except Exception:
-                ready = False
-            if ready:
-                break
-            time.sleep(0.5)
-        if not ready:
-            text = (tmp_path / "tritonserver.log").read_text()
-            if "ensemble" in text.lower() and "not supported" in text.lower():
-                pytest.skip("bundled tritonserver was built without ensemble support")
-            raise AssertionError(f"ensemble not ready:\n{text[-4000:]}")
-        dm = DeployModule(model, frame_hw=hw, frame_channels=frame_ch).eval()
+    dm = DeployModule(model, frame_hw=hw, frame_channels=frame_ch).eval()
+    with _Tritonserver(tmp_path, repo, "edge_ad") as server:
         for b in (1, 3):
             frames = np.random.default_rng(b).integers(0, 256, (b, *hw, frame_ch), dtype=np.uint8)
-            inp = httpclient.InferInput("frames", list(frames.shape), "UINT8")
-            inp.set_data_from_numpy(frames)
-            res = client.infer("edge_ad", [inp])
+            res = server.infer("edge_ad", frames, ("anomaly_map", "score", "normalized_score", "verdict"))
             with torch.no_grad():
                 amap, score, norm = dm(torch.from_numpy(frames))
-            np.testing.assert_allclose(res.as_numpy("anomaly_map"), amap.numpy(), rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(res.as_numpy("score").ravel(), score.numpy(), rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(res.as_numpy("normalized_score").ravel(), norm.numpy(), rtol=1e-5, atol=1e-5)
-            np.testing.assert_array_equal(res.as_numpy("verdict").ravel(), norm.numpy() >= 0.5)
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+            np.testing.assert_allclose(res["anomaly_map"], amap.numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(res["score"].ravel(), score.numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(res["normalized_score"].ravel(), norm.numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(res["verdict"].ravel(), norm.numpy() >= 0.5)
+
+
+def test_export_triton_repo_parses_and_serves_on_the_python_backend(padim_checkpoint, tmp_path_factory, tmp_path):
+    """`export.triton_repo`'s repository (onnxruntime_onnx) parses with model_config_pb2; the
+    bundled tritonserver has no onnxruntime backend, so the same model folder is switched to the
+    Python backend (ONNX Runtime inside the stub) and must answer like the in-process engine."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] provides model_config_pb2")
+    pytest.importorskip("export.triton_repo", reason="export.triton_repo not available")
+    import importlib.util
+    import sys
+
+    from export.triton_repo import export_triton_repo
+    from runtime.engines import load_engine
+    from runtime.triton_python_backend import onnx_as_python_backend
+
+    spec = importlib.util.spec_from_file_location("_edge_ad_serve_test_helpers2",
+                                                  pathlib.Path(__file__).with_name("test_serve.py"))
+    helpers = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = helpers
+    spec.loader.exec_module(helpers)
+    artifact = helpers.exported_artifact(padim_checkpoint, tmp_path_factory)
+
+    repo = export_triton_repo(padim_checkpoint, tmp_path / "repo", onnx_path=artifact, max_batch=4, quiet=True)
+    cfg = parse_config(repo.config)
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 4
+    dst = onnx_as_python_backend(tmp_path / "repo", "edge_ad", tmp_path / "pyrepo")
+    with pytest.raises(ValueError, match="onnxruntime_onnx"):
+        onnx_as_python_backend(tmp_path / "pyrepo", "edge_ad", tmp_path / "x")  # not an ONNX model any more
+    cfg2 = parse_config(dst / "config.pbtxt")
+    assert cfg2.backend == "python" and not cfg2.platform
+    assert [o.name for o in cfg2.output] == [o.name for o in cfg.output]
+    assert cfg2.HasField("dynamic_batching") and cfg2.parameters["role"].string_value == "onnx"
+
+    local = load_engine(artifact)
+    h, w = local.frame_hw
+    with _Tritonserver(tmp_path, tmp_path / "pyrepo", "edge_ad") as server:
+        for b in (1, 3):
+            frames = np.random.default_rng(20 + b).integers(0, 256, (b, h, w, local.frame_channels), dtype=np.uint8)
+            got = server.infer("edge_ad", frames, ("anomaly_map", "score", "normalized_score"))
+            ref = local.infer(frames)
+            np.testing.assert_allclose(got["anomaly_map"], ref["anomaly_map"], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got["score"].reshape(b), ref["score"].reshape(b), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got["normalized_score"].reshape(b), ref["normalized_score"].reshape(b),
+                                       rtol=1e-5, atol=1e-5)
