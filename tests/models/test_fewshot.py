@@ -1,0 +1,166 @@
+"""Few-shot memory scorer: built by models.train (no gradient training) from a handful of images and
+separates defects; one annotated defect image (config `anomalous_images`) raises the AUROC on its
+defect type over normal memory alone; nearest neighbour vs sklearn, coreset vs a numpy loop, AUROC
+vs sklearn; ONNX (dynamo) == PyTorch; checkpoint round trip; clear errors for bad defect entries."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+import models
+from models import fewshot as FS
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.data import DataError, make_datasets
+from models.synthetic import generate_dataset
+from models.train import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)    # 2 shared cores: oversubscription makes tiny ops 20x slower
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = generate_dataset(tmp_path_factory.mktemp("syn"), classes=("texture",), n_train=8, n_test_good=8,
+                            n_test_defect=32, size=128, seed=0)
+    return root / "texture"
+
+
+def _build(data, **kw):
+    cfg = FS.FewShotConfig.tiny(input_size=128, **kw).to_dict()
+    net, summary = train(data, model="fewshot", epochs=0, batch_size=8, config=cfg, progress=False,
+                         log=lambda m: None)
+    return net
+
+
+@pytest.fixture(scope="module")
+def normal_only(data):
+    return _build(data)
+
+
+@pytest.fixture(scope="module")
+def test_set(data, normal_only):
+    _, _, test_ds, _ = make_datasets(data, preprocess=normal_only.preprocess)
+    b = next(iter(torch.utils.data.DataLoader(test_ds, batch_size=len(test_ds))))
+    types = np.array([s.defect_type for s in test_ds.samples])
+    return test_ds, b["image"], types
+
+
+def _scores(net, x):
+    with torch.no_grad():
+        return net(x)[1].numpy()
+
+
+def test_built_by_train_and_separates_defects(normal_only, test_set):
+    net = normal_only
+    assert float(net.built) == 1 and float(net.has_anomalous) == 0
+    assert float(net.weights[len(net.scales):].abs().sum()) == 0     # no anomalous memory, no weight
+    _, x, types = test_set
+    auc = roc_auc_score(types != "good", _scores(net, x))
+    assert auc >= 0.85, auc
+
+
+@pytest.fixture(scope="module")
+def seeded(data, test_set):
+    """One model per defect type, each seeded with the first test image of that type."""
+    test_ds, _, types = test_set
+    out = {}
+    for t in ("hole", "color"):
+        i = int(np.where(types == t)[0][0])
+        s = test_ds.samples[i]
+        out[t] = (i, _build(data, anomalous_images=[[str(s.path), str(s.mask_path)]]))
+    return out
+
+
+@pytest.mark.parametrize("defect", ["hole", "color"])
+def test_one_defect_image_raises_auroc_on_its_type(defect, normal_only, seeded, test_set):
+    _, x, types = test_set
+    seed_i, net = seeded[defect]
+    assert float(net.has_anomalous) == 1 and float(net.weights[len(net.scales):].sum()) > 0
+    keep = ((types == "good") | (types == defect)) & (np.arange(len(types)) != seed_i)
+    y = types[keep] == defect
+    base = roc_auc_score(y, _scores(normal_only, x[keep]))
+    with_a = roc_auc_score(y, _scores(net, x[keep]))
+    assert with_a >= base + 0.05, (defect, base, with_a)
+
+
+def test_nearest_neighbour_matches_sklearn():
+    torch.manual_seed(0)
+    net = models.create_model("fewshot", pretrained=False, **FS.FewShotConfig.tiny(knn=3).to_dict())
+    f = torch.nn.functional.normalize(torch.randn(2, 37, 11), dim=-1)
+    bank = torch.nn.functional.normalize(torch.randn(53, 11), dim=-1)
+    got = net._sim(f, bank)
+    nn_ = NearestNeighbors(n_neighbors=3, metric="cosine").fit(bank.numpy())
+    dist, _ = nn_.kneighbors(f.reshape(-1, 11).numpy())
+    np.testing.assert_allclose(got.reshape(-1).numpy(), (1 - dist).mean(1), rtol=1e-5, atol=1e-5)
+
+
+def _coreset_numpy(z, n, start):
+    idx = [start]
+    d = ((z - z[start]) ** 2).sum(1)
+    while len(idx) < n:
+        j = int(np.argmax(d))
+        idx.append(j)
+        d = np.minimum(d, ((z - z[j]) ** 2).sum(1))
+    return idx
+
+
+def test_greedy_coreset_matches_numpy_loop_and_bounds_memory():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(301, 9, generator=g)
+    got = FS.greedy_coreset(x, 40, dim=0, seed=5).tolist()
+    start = int(torch.randint(301, (1,), generator=torch.Generator().manual_seed(5)))
+    assert got == _coreset_numpy(x.numpy().astype(np.float64), 40, start)
+    assert len(set(got)) == 40
+    assert FS.greedy_coreset(x, 500).tolist() == list(range(301))
+
+
+def test_auroc_helper_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 7, 211).astype(np.float32)
+    y = rng.random(211) < 0.3
+    assert FS.auroc(torch.from_numpy(s), torch.from_numpy(y)) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_bad_anomalous_images_entries(tmp_path, data):
+    with pytest.raises(ValueError, match=r"anomalous_images\[0\]"):
+        FS.FewShotConfig(anomalous_images=["only_one_path.png"])
+    missing = tmp_path / "nope.png"
+    with pytest.raises(DataError, match="nope.png"):
+        _build(data, anomalous_images=[[str(missing), str(missing)]])
+
+
+def test_onnx_export_matches_pytorch(seeded, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, net = seeded["hole"]
+    net.eval()
+    path = tmp_path / "fewshot.onnx"
+    batch = torch.export.Dim("batch", min=1, max=16)
+    torch.onnx.export(net, (torch.randn(2, 3, 128, 128),), str(path), dynamo=True, input_names=["x"],
+                      output_names=["anomaly_map", "score"], dynamic_shapes={"x": {0: batch}})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x3 = torch.randn(3, 3, 128, 128)
+    amap, score = sess.run(None, {"x": x3.numpy()})
+    with torch.no_grad():
+        ra, rs = net(x3)
+    np.testing.assert_allclose(amap, ra.numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(score, rs.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_checkpoint_round_trip(seeded, tmp_path):
+    _, net = seeded["color"]
+    back = load_checkpoint(save_checkpoint(net, tmp_path / "model.pt"))
+    assert back.config == net.config and float(back.built) == 1
+    assert torch.equal(back.anomalous_bank, net.anomalous_bank) and torch.equal(back.weights, net.weights)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        for a, b in zip(net(x), back(x)):
+            torch.testing.assert_close(a, b)
+    # a loaded model is not rebuilt by a later finalize()
+    back.finalize([])
+    assert torch.equal(back.normal_bank, net.normal_bank)
