@@ -250,7 +250,14 @@ def test_jetson_image_contract():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_copied_paths_exist(dockerfile):
-    for ins, rest in _instructions((ROOT / dockerfile).read_text()):
+    instrs = _instructions((ROOT / dockerfile).read_text())
+    copied = {shlex.split(rest)[0].rstrip("/") for ins, rest in instrs if ins == "COPY" and not rest.startswith("--")}
+    # every package pyproject ships is copied into the image
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for pattern in include:
+        top = pattern.rstrip("*").rstrip(".")
+        assert top in copied, f"{dockerfile}: package {top!r} (pyproject packages.find) is not COPY'd"
+    for ins, rest in instrs:
         if ins == "COPY" and not rest.startswith("--from"):
             for src in shlex.split(rest)[:-1]:
                 assert (ROOT / src).exists(), f"{dockerfile}: COPY source {src} missing"
