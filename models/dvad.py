@@ -39,11 +39,16 @@ Class embedding: e = MLP(concat of the global means of f4, f8, f16) (B, E): from
 no label needed at inference; with num_classes > 1 an auxiliary linear classifier (weight 0.1,
 training only) makes it class-aware.
 
-Defaults (CPU-trainable: ~1-2 M trainable parameters; see `DVADConfig.paper()` for the paper's):
-  EfficientNet-Lite0 encoder (offline weights), input 256, dims (128, 64, 32, 32), depths (1, 1, 1, 1),
-  d_state 8, expand 2, raster4 scans (4 directions), M = 4 experts, hyper latent 32, adapter rank 8.
+Defaults (CPU-trainable, ~1.0 M trainable parameters; `DVADConfig.paper()` gives the paper's sizes):
+  EfficientNet-Lite0 encoder (offline weights), input 256, dims (128, 64, 32, 32) at strides 32..4,
+  depths (1, 1, 1, 1), d_state 8, expand 1, raster4 scans (4 directions), Mamba branch at strides
+  32/16/8 only (the stride-4 stage keeps the CNN branches: its 64x64 scan alone costs more than the
+  rest of the decoder), M = 4 experts, hyper latent 32, adapter rank 8.
+  Measured here (2 shared cores, batch 8, cached encoder features, one thread): ~1.4 s of CPU time
+  per training step (fwd + bwd): ~2 min of one core per epoch of ~700 images, so ~10 epochs fit the
+  20-30 min budget; with expand 2 it is 3.3 s, with the Mamba branch also at stride 4 ~2x more again.
   Paper (MambaAD/DVAD): ResNet-34, dims (512, 256, 128, 64), depths (3, 4, 6, 3), d_state 16,
-  hilbert8 (8 directions), ~25.6 M parameters.
+  expand 2, hilbert8 (8 directions), Mamba at every stage, ~25.6 M parameters.
 """
 from __future__ import annotations
 
@@ -74,10 +79,11 @@ class DVADConfig(ConfigBase):
     dims: Tuple[int, ...] = (128, 64, 32, 32)  # decoder widths at strides 32, 16, 8, 4
     depths: Tuple[int, ...] = (1, 1, 1, 1)     # blocks per stage (0 allowed)
     d_state: int = 8
-    expand: int = 2
+    expand: int = 1                            # paper: 2
     dt_rank: int = 0                           # 0 = ceil(d / 16)
     scan: str = "raster4"
     use_mamba: bool = True
+    mamba_strides: Tuple[int, ...] = (32, 16, 8)   # stages whose blocks have the Mamba branch
     use_cnn: bool = True
     use_hyper: bool = True
     use_moe: bool = True
@@ -106,6 +112,8 @@ class DVADConfig(ConfigBase):
             bad("dims", "dims[0] a multiple of 4 (neck bottleneck)", self.dims)
         if len(self.depths) != 4 or any(int(d) < 0 for d in self.depths):
             bad("depths", "4 non-negative ints", self.depths)
+        if any(int(v) not in (4, 8, 16, 32) for v in self.mamba_strides):
+            bad("mamba_strides", "a subset of (32, 16, 8, 4)", self.mamba_strides)
         if not (self.use_mamba or self.use_cnn):
             bad("use_mamba/use_cnn", "at least one branch on", (self.use_mamba, self.use_cnn))
         if self.num_experts < 1:
@@ -119,6 +127,7 @@ class DVADConfig(ConfigBase):
     def tiny(cls, **kw):
         """Seconds-to-train sizes for tests (input 64)."""
         base = dict(input_size=64, dims=(32, 16, 16, 16), depths=(1, 1, 1, 1), d_state=4,
+                    mamba_strides=(32, 16, 8, 4),
                     hyper_latent=8, hyper_hidden=16, hyper_rank=4, class_embed_dim=8, blur_sigma=2.0)
         base.update(kw)
         return cls(**base)
@@ -127,6 +136,7 @@ class DVADConfig(ConfigBase):
     def paper(cls, **kw):
         """The paper's sizes (MambaAD decoder on ResNet-34; DVAD adds hyper + MoE)."""
         base = dict(encoder="resnet34", dims=(512, 256, 128, 64), depths=(3, 4, 6, 3), d_state=16,
+                    mamba_strides=(32, 16, 8, 4),
                     scan="hilbert8", hyper_latent=64, hyper_hidden=128, hyper_rank=16,
                     class_embed_dim=64)
         base.update(kw)
@@ -255,12 +265,14 @@ class HyperAdapter(nn.Module):
 
 
 class DVADBlock(nn.Module):
-    def __init__(self, dim: int, cfg: DVADConfig, hw: Optional[Tuple[int, int]]):
+    def __init__(self, dim: int, cfg: DVADConfig, hw: Optional[Tuple[int, int]], use_mamba: bool = True):
         super().__init__()
+        use_mamba = use_mamba and cfg.use_mamba
+        use_cnn = cfg.use_cnn or not use_mamba        # a block always keeps at least one branch
         self.norm = L.LayerNorm2d(dim)
-        self.ss2d = SS2D(dim, cfg.d_state, cfg.expand, cfg.dt_rank, cfg.scan, hw) if cfg.use_mamba else None
-        self.cnns = nn.ModuleList([L.CNNBranch(dim, k) for k in cfg.cnn_kernels]) if cfg.use_cnn else None
-        n_br = int(cfg.use_mamba) + (len(cfg.cnn_kernels) if cfg.use_cnn else 0)
+        self.ss2d = SS2D(dim, cfg.d_state, cfg.expand, cfg.dt_rank, cfg.scan, hw) if use_mamba else None
+        self.cnns = nn.ModuleList([L.CNNBranch(dim, k) for k in cfg.cnn_kernels]) if use_cnn else None
+        n_br = int(use_mamba) + (len(cfg.cnn_kernels) if use_cnn else 0)
         if cfg.use_moe:
             self.fuse = MoE(n_br * dim, dim, cfg.num_experts)
         else:
@@ -315,7 +327,8 @@ class DVAD(AnomalyModel):
         self.neck = L.Neck(enc_ch, dims[0])
         self.expands = nn.ModuleList([L.PatchExpand(dims[i], dims[i + 1]) for i in range(3)])
         self.stages = nn.ModuleList([
-            nn.ModuleList([DVADBlock(dims[i], c, stage_hw[i]) for _ in range(int(c.depths[i]))])
+            nn.ModuleList([DVADBlock(dims[i], c, stage_hw[i], use_mamba=(32 >> i) in c.mamba_strides)
+                           for _ in range(int(c.depths[i]))])
             for i in range(4)])
         # decoder outputs at strides 16, 8, 4 -> encoder channels (for the cosine comparison)
         self.heads = nn.ModuleList([nn.Conv2d(dims[1], enc_ch[2], 1), nn.Conv2d(dims[2], enc_ch[1], 1),

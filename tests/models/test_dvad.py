@@ -226,6 +226,12 @@ def test_switches_mambaad_preset_has_no_hyper_or_moe_parameters():
     assert not [n for n, _ in no_mamba.named_parameters() if "ss2d" in n]
     no_cnn = models.create_model("dvad", **D.DVADConfig.tiny(use_cnn=False).to_dict())
     assert not [n for n, _ in no_cnn.named_parameters() if "cnns" in n]
+    # default: no Mamba branch in the stride-4 stage, CNN branches there instead
+    default = models.create_model("dvad", pretrained=False, input_size=64)
+    assert default.stages[3][0].ss2d is None and default.stages[3][0].cnns is not None
+    assert all(default.stages[i][0].ss2d is not None for i in range(3))
+    only_mamba = models.create_model("dvad", pretrained=False, input_size=64, use_cnn=False)
+    assert only_mamba.stages[3][0].cnns is not None and only_mamba.stages[2][0].cnns is None
     with pytest.raises(ValueError, match="use_mamba/use_cnn"):
         D.DVADConfig(use_mamba=False, use_cnn=False)
     with pytest.raises(ValueError, match="scan"):
