@@ -150,7 +150,7 @@ class Pipeline:
         self.infer_done = threading.Event()
         self.post_done = threading.Event()
         self.error: Optional[BaseException] = None
-        self.events: List[dict] = []
+        self.events: collections.deque = collections.deque(maxlen=10_000)   # most recent events
         self._threads: List[threading.Thread] = []
 
     # ------------------------------------------------------------------------------------
@@ -532,9 +532,9 @@ class Pipeline:
     def preview_rows(self, y0: int, y1: int) -> Optional[np.ndarray]:
         """Image rows [y0, y1) if still held by the rolling preview."""
         k = self.preview_img.shape[0]
-        if y1 - y0 > k or y0 < self.preview_y1 - k or y1 > self.preview_y1:
+        if y1 - y0 > k or y0 < self.preview_y1 - k or y1 > self.preview_y1 or y1 <= y0:
             return None
-        return self.preview_img[[r % k for r in range(y0, y1)]]
+        return self.preview_img[np.arange(y0, y1) % k]
 
     def _emit_event(self, ev) -> None:
         with self.stats.lock:

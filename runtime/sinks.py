@@ -168,10 +168,9 @@ class SinkRunner:
             ya = max(y0, pipe.preview_y1 - pipe.preview_img.shape[0])
             rec["crop"] = rows[:, x0:x1].copy()
             rec["crop_origin"] = (ya, x0)
-            st = pipe.stitcher
-            m0, m1 = ya - st.preview_y0, ya - st.preview_y0 + rows.shape[0]
-            if m0 >= 0 and m1 <= st.preview.shape[0]:
-                rec["map"] = st.preview[m0:m1, x0:x1].copy()
+            m = pipe.stitcher.map_rows(ya, ya + rows.shape[0])
+            if m is not None:
+                rec["map"] = m[:, x0:x1]
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and not self.stop_event.is_set():
             try:
@@ -188,15 +187,15 @@ class SinkRunner:
         if not force and now - self._last_preview < self.preview_every_s:
             return
         st = pipe.stitcher
-        n = min(self.preview_rows, st.preview.shape[0])
-        if n == 0:
+        y1 = st.preview_end
+        n = min(self.preview_rows, st.keep_rows, y1)
+        if n <= 0:
             return
-        y1 = st.preview_y0 + st.preview.shape[0]
         img = pipe.preview_rows(y1 - n, y1)
-        if img is None:
+        amap = st.map_rows(y1 - n, y1)
+        if img is None or amap is None:
             return
-        rec = {"type": "preview", "image": img.copy(), "map": st.preview[-n:].copy(),
-               "threshold": pipe.pixel_threshold}
+        rec = {"type": "preview", "image": img.copy(), "map": amap, "threshold": pipe.pixel_threshold}
         try:
             self.q.put(rec, timeout=1.0) if force else self.q.put_nowait(rec)
             self._last_preview = now

@@ -260,8 +260,10 @@ class StripStitcher:
         self._frame = None
         self._open = np.zeros((0, self.width), np.float32)   # final rows of still-open defects
         self._open_y0 = 0
-        self.preview = np.zeros((0, self.width), np.float32)  # last keep_rows final rows
-        self.preview_y0 = 0
+        # ring of the last keep_rows final rows (row of line y at y % keep_rows, tagged with y)
+        self._pv = np.full((self.keep_rows, self.width), -np.inf, np.float32)
+        self._pv_line = np.full(self.keep_rows, -1, np.int64)
+        self.preview_end = 0     # one past the newest final line
         self.rows_final = 0
 
     # -- input --------------------------------------------------------------------------
@@ -304,6 +306,17 @@ class StripStitcher:
         self._segment = None
         return events
 
+    def map_rows(self, y0: int, y1: int) -> Optional[np.ndarray]:
+        """Final map rows [y0, y1) from the preview ring (-inf for lines never scored), or
+        None when they are not all held (too old or not final yet)."""
+        k = self.keep_rows
+        if k == 0 or y1 - y0 > k or y0 < self.preview_end - k or y1 > self.preview_end or y1 <= y0:
+            return None
+        lines = np.arange(y0, y1)
+        out = self._pv[lines % k].copy()
+        out[self._pv_line[lines % k] != lines] = -np.inf
+        return out
+
     # -- internals ----------------------------------------------------------------------
     def _finalize(self, n: int) -> List[DefectEvent]:
         n = max(0, min(n, self._acc.shape[0]))
@@ -312,8 +325,10 @@ class StripStitcher:
         rows = self._acc[:n]
         self._acc = self._acc[n:]
         if self.keep_rows:
-            self.preview = np.concatenate([self.preview, rows])[-self.keep_rows:]
-            self.preview_y0 = self._acc_y0 + n - self.preview.shape[0]
+            lines = np.arange(self._acc_y0, self._acc_y0 + n)[-self.keep_rows:]
+            self._pv[lines % self.keep_rows] = rows[-self.keep_rows:]
+            self._pv_line[lines % self.keep_rows] = lines
+            self.preview_end = int(lines[-1]) + 1
         self._acc_y0 += n
         self.rows_final += n
         self._open = np.concatenate([self._open, rows]) if self._open.shape[0] else rows.copy()

@@ -89,7 +89,7 @@ def test_stitched_events_match_bruteforce(seed):
     asm = LineAssembler(width, 1, th, tw, sh, sw)
     bands = _feed(asm, np.zeros((n, width), np.uint8), first, rng) + asm.flush()
     thr = float(np.quantile(base, 0.93))
-    st = StripStitcher(width, th, tw, thr, max_open_rows=10 ** 6)
+    st = StripStitcher(width, th, tw, thr, max_open_rows=10 ** 6, keep_rows=37)
     placed, events, dropped = [], [], set()
     for b in bands:
         if b.rows == 0:
@@ -114,6 +114,9 @@ def test_stitched_events_match_bruteforce(seed):
     assert len(got) == len(events), "an event was reported twice"
     assert got == ref
     assert len(ref) > 3
+    # the rolling preview holds the last 37 final rows of the same stitched map
+    np.testing.assert_array_equal(st.map_rows(first + n - 37, first + n), full[-37:])
+    assert st.map_rows(first + n - 38, first + n) is None
 
 
 def test_events_carry_millimetres_and_do_not_merge_across_segments():
