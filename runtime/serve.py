@@ -170,6 +170,25 @@ def ensure_python_libdir_on_ld_path() -> None:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir] + parts)
 
 
+def check_ports_free(host: str, ports: Dict[str, int]) -> None:
+    """ServeError naming the first port something already listens on (Triton itself would only
+    time out after a minute)."""
+    import socket
+
+    for name, port in ports.items():
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise ServeError(f"host {host!r}: cannot resolve ({e})") from None
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise ServeError(f"{name} {port} on {host} is not available ({e.strerror}); "
+                                 f"pick another with --{name.replace('_', '-')}") from None
+
+
 class Server:
     """A running Triton server for one engine (context manager; `start()` returns when ready)."""
 
@@ -189,6 +208,8 @@ class Server:
 
     def start(self) -> "Server":
         c = self.config
+        check_ports_free(c.host, {"http_port": c.http_port, "grpc_port": c.grpc_port,
+                                  "metrics_port": c.metrics_port})
         ensure_python_libdir_on_ld_path()
         tc = TritonConfig(http_address=c.host, http_port=c.http_port, grpc_address=c.host,
                           grpc_port=c.grpc_port, metrics_address=c.host, metrics_port=c.metrics_port,
@@ -221,9 +242,11 @@ class Server:
         )
         try:
             self._triton.run()
-        except Exception:
+        except Exception as e:
             self.stop()
-            raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ServeError(f"Triton Inference Server did not start: {type(e).__name__}: {first} "
+                             "(run with --verbose for the server log)") from None
         LOG.info("serving %s as model %r: HTTP %s, gRPC %s (max batch %d, dynamic batching)",
                  c.engine, c.model_name, self.http_url, self.grpc_url, c.max_batch)
         return self

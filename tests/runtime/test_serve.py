@@ -299,3 +299,17 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     with pytest.raises(ServeError, match="model_name"):
         ServeConfig(engine="x", model_name="a b").validate()
     assert ServeConfig(engine="x").host == "127.0.0.1"
+
+
+def test_port_in_use_is_one_clear_error(artifact):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        http_port, metrics_port = free_ports(2)
+        res = subprocess.run([sys.executable, "-m", "runtime.serve", "--engine", str(artifact),
+                              "--http-port", str(http_port), "--grpc-port", str(port),
+                              "--metrics-port", str(metrics_port)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"grpc_port {port}" in res.stderr and "Traceback" not in res.stderr
