@@ -93,6 +93,13 @@ def _export_info(meta: dict, path) -> Tuple[Optional[Tuple[int, int]], int, Opti
     return hw, int(ch), batch
 
 
+def _max_batch(meta: dict) -> Optional[int]:
+    """export.max_batch: the largest batch a dynamic-batch engine was built for (AOTI, TensorRT)."""
+    ex = meta.get("export") if isinstance(meta, dict) else None
+    mb = ex.get("max_batch") if isinstance(ex, dict) else None
+    return int(mb) if isinstance(mb, int) and not isinstance(mb, bool) and mb > 0 else None
+
+
 # ------------------------------------------------------------------------------------------
 # base
 # ------------------------------------------------------------------------------------------
@@ -112,6 +119,7 @@ class Engine:
         self.frame_hw = tuple(frame_hw) if frame_hw is not None else None
         self.frame_channels = int(frame_channels)
         self.static_batch = static_batch
+        self.max_batch = static_batch or _max_batch(meta)   # None = no limit known
 
     # -- metadata conveniences ----------------------------------------------------------
     @property
@@ -129,7 +137,7 @@ class Engine:
     def describe(self) -> dict:
         return {"backend": self.backend, "path": str(self.path), "model": self.meta.get("model"),
                 "frame_hw": self.frame_hw, "frame_channels": self.frame_channels,
-                "static_batch": self.static_batch}
+                "static_batch": self.static_batch, "max_batch": self.max_batch}
 
     # -- inference ----------------------------------------------------------------------
     def infer(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
@@ -143,7 +151,12 @@ class Engine:
                               f"got {frames.shape[1]}x{frames.shape[2]}")
         frames = np.ascontiguousarray(frames)
         b = frames.shape[0]
-        if self.static_batch is None or b == self.static_batch:
+        if self.static_batch is None:
+            if self.max_batch is None or b <= self.max_batch:
+                return self._run(frames)
+            outs = [self._run(frames[i:i + self.max_batch]) for i in range(0, b, self.max_batch)]
+            return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        if b == self.static_batch:
             return self._run(frames)
         # fixed-batch engine: run in chunks of static_batch, padding the last one
         sb, outs = self.static_batch, []

@@ -173,6 +173,8 @@ class Pipeline:
         if sh > th or sw > tw:
             raise EngineError(f"--stride {sh} is larger than the tile ({th}); tiles would leave gaps")
         self.tile_hw, self.stride_hw = (th, tw), (sh, sw)
+        # never build batches larger than the engine was built for
+        self.max_batch = min(cfg.max_batch, getattr(eng, "max_batch", None) or cfg.max_batch)
         self.area = cam.kind == "area"
         self.assembler = LineAssembler(cam.width, cam.channels, th, tw, sh, sw,
                                        capacity=max(2 * th, th + cam.height))
@@ -386,7 +388,7 @@ class Pipeline:
                 pending.append([band, 0])
                 n_tiles = band.n_tiles
             deadline = time.monotonic() + wait_s
-            while n_tiles < cfg.max_batch and not self.hard_stop.is_set():
+            while n_tiles < self.max_batch and not self.hard_stop.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -399,7 +401,7 @@ class Pipeline:
                 pending.append([band, 0])
                 n_tiles += band.n_tiles
             # assemble one batch of up to max_batch tiles from the front of `pending`
-            parts, take_left = [], cfg.max_batch
+            parts, take_left = [], self.max_batch
             for entry in pending:
                 if take_left == 0:
                     break

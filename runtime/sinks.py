@@ -163,12 +163,15 @@ class SinkRunner:
         pad = 32
         y0, y1 = ev.line_start - pad, ev.line_end + 1 + pad
         x0, x1 = max(0, ev.col_start - pad), min(pipe.assembler.width, ev.col_end + 1 + pad)
-        rows = pipe.preview_rows(max(y0, pipe.preview_y1 - pipe.preview_img.shape[0]), min(y1, pipe.preview_y1))
+        st = pipe.stitcher
+        # rows held by both rolling buffers (image and final map); the event's rows are final
+        ya = max(y0, 0, pipe.preview_y1 - pipe.preview_img.shape[0], st.preview_end - st.keep_rows)
+        yb = min(y1, pipe.preview_y1, st.preview_end)
+        rows = pipe.preview_rows(ya, yb)
         if rows is not None:
-            ya = max(y0, pipe.preview_y1 - pipe.preview_img.shape[0])
             rec["crop"] = rows[:, x0:x1].copy()
             rec["crop_origin"] = (ya, x0)
-            m = pipe.stitcher.map_rows(ya, ya + rows.shape[0])
+            m = st.map_rows(ya, yb)
             if m is not None:
                 rec["map"] = m[:, x0:x1]
         deadline = time.monotonic() + 1.0

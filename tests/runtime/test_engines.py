@@ -92,3 +92,14 @@ def test_tensorrt_without_tensorrt_or_gpu_is_a_clear_error(tmp_path):
 def test_missing_engine_file(tmp_path):
     with pytest.raises(EngineError, match="not found"):
         load_engine(tmp_path / "model.onnx")
+
+
+def test_batches_above_the_engine_max_batch_are_split(onnx_artifact, torch_engine):
+    eng = load_engine(onnx_artifact)
+    eng.max_batch = 2                      # as export.max_batch = 2 would set it
+    calls = []
+    run = eng._run
+    eng._run = lambda f: calls.append(f.shape[0]) or run(f)
+    f = _frames(5, 11)
+    _close(eng.infer(f), torch_engine.infer(f))
+    assert calls == [2, 2, 1]
