@@ -115,3 +115,24 @@ def test_bad_input_messages():
         cross_scan(torch.randn(1, 2, 4, 4), scan_orders(3, 3))
     with pytest.raises(ValueError, match="square"):
         cross_merge(torch.randn(1, 1, 2, 15), scan_orders(3, 5, "raster1"))
+
+
+def test_onnx_export_uses_gather_only():
+    import numpy as np
+    import onnxruntime as ort
+
+    H, W = 5, 6
+    o = scan_orders(H, W)
+
+    class ScanMerge(torch.nn.Module):
+        def forward(self, x):
+            return cross_merge(cross_scan(x, o) * 2.0, o, hw=(H, W))
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, H, W)
+    proto = torch.onnx.export(ScanMerge().eval(), (x,), dynamo=True, verbose=False).model_proto
+    ops = {n.op_type for n in proto.graph.node}
+    assert "Gather" in ops and not any(op.startswith("Scatter") for op in ops)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, (x * 2 * o.shape[0]).numpy(), rtol=1e-5, atol=1e-5)
