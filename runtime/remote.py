@@ -160,17 +160,18 @@ class RemoteEngine(_EngineBase):
         missing = [n for n in CONTRACT_OUTPUTS if n not in out_names]
         if missing:
             raise RemoteError(f"{self.uri}: model lacks outputs {missing} (has {out_names})")
-        self.max_batch = max_batch if max_batch > 0 else 0
+        self._server_max_batch = max_batch if max_batch > 0 else 0   # 0: the model does not batch
         dims = inputs[0][1]
-        self.input_shape = tuple([-1] + [int(d) for d in dims]) if self.max_batch else tuple(int(d) for d in dims)
+        self.input_shape = tuple([-1] + [int(d) for d in dims]) if self._server_max_batch else \
+            tuple(int(d) for d in dims)
         wanted = list(outputs) if outputs else list(CONTRACT_OUTPUTS) + ([FULL_MAP] if FULL_MAP in out_names else [])
         bad = [n for n in wanted if n not in out_names]
         if bad:
             raise RemoteError(f"{self.uri}: requested outputs {bad} not served (has {out_names})")
         self.output_names = wanted
         meta = self._fetch_metadata(c)
-        meta.setdefault("remote", {}).update({"uri": str(self.uri), "max_batch_size": self.max_batch})
-        hwc = self.input_shape[1:] if self.max_batch else self.input_shape
+        meta.setdefault("remote", {}).update({"uri": str(self.uri), "max_batch_size": self._server_max_batch})
+        hwc = self.input_shape[1:] if self._server_max_batch else self.input_shape
         exp = meta.get("export") or {}
         frame_hw = tuple(hwc[:2]) if len(hwc) == 3 and min(hwc[:2]) > 0 else \
             (tuple(exp["frame_hw"]) if exp.get("frame_hw") else None)
@@ -179,6 +180,9 @@ class RemoteEngine(_EngineBase):
             _EngineBase.__init__(self, self.uri.model, meta, frame_hw, channels, None)
         else:
             self.meta, self.frame_hw, self.frame_channels = meta, frame_hw, channels
+        # after the base initialiser (which derives its own limit from artifact metadata): the
+        # server's max_batch_size is the limit that holds for this engine (None = unbatched model)
+        self.max_batch = self._server_max_batch or None
 
     def _fetch_metadata(self, c) -> dict:
         name = self.uri.model + METADATA_SUFFIX
@@ -221,7 +225,7 @@ class RemoteEngine(_EngineBase):
         if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4:
             raise RemoteError(f"{self.uri}: frames must be uint8 (B, H, W, C), got "
                               f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}")
-        want = self.input_shape[1:] if self.max_batch else self.input_shape
+        want = self.input_shape[1:] if self._server_max_batch else self.input_shape
         for got, exp in zip(frames.shape[1:], want):
             if exp > 0 and got != exp:
                 raise RemoteError(f"{self.uri}: model takes frames (B, {', '.join(map(str, want))}), "
@@ -242,7 +246,7 @@ class RemoteEngine(_EngineBase):
         """Send `frames` (split into chunks of max_batch_size, sent concurrently); a Future of
         the merged output dict. Blocks only while `max_inflight` requests are outstanding."""
         frames = self._check(frames)
-        step = self.max_batch or frames.shape[0]
+        step = self._server_max_batch or frames.shape[0]
         futs = [self._submit_chunk(frames[i:i + step]) for i in range(0, frames.shape[0], step)]
         if len(futs) == 1:
             return futs[0]
@@ -290,7 +294,7 @@ class RemoteEngine(_EngineBase):
         self.close()
 
     def __repr__(self) -> str:
-        return f"RemoteEngine({str(self.uri)!r}, max_batch={getattr(self, 'max_batch', '?')})"
+        return f"RemoteEngine({str(self.uri)!r}, max_batch={getattr(self, '_server_max_batch', '?')})"
 
 
 _CLIENTS_LOCK = threading.Lock()
