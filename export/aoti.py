@@ -63,7 +63,8 @@ def _embed_zip_metadata(path: pathlib.Path, meta: dict) -> None:
 
 def export_aoti(ckpt, out=None, *, frame_hw=None, frame_channels: Optional[int] = None, full_res_map: bool = False,
                 max_batch: int = 16, device: str = "cpu", check: bool = True, images=None, n: Optional[int] = None,
-                quiet: bool = False) -> AotiExport:
+                quiet: bool = False, inductor_configs: Optional[dict] = None) -> AotiExport:
+    """Export `ckpt` to an AOTInductor package; `inductor_configs` are passed to Inductor as-is."""
     a = validate_args("aoti", ckpt=ckpt, out=out, frame_hw=frame_hw, frame_channels=frame_channels,
                       full_res_map=full_res_map, max_batch=max_batch, device=device, check=check, images=images, n=n)
     from models.deploy import DeployModule
@@ -105,8 +106,9 @@ def export_aoti(ckpt, out=None, *, frame_hw=None, frame_channels: Optional[int] 
             try:
                 from torch._inductor import aoti_compile_and_package
 
-                aoti_compile_and_package(ep, package_path=str(path),
-                                         inductor_configs={"aot_inductor.metadata": {META_KEY: json.dumps(meta)}})
+                cfg = dict(inductor_configs or {})
+                cfg["aot_inductor.metadata"] = {META_KEY: json.dumps(meta)}
+                aoti_compile_and_package(ep, package_path=str(path), inductor_configs=cfg)
             except Exception as e:
                 raise ExportError(f"AOTInductor compilation failed: {first_line(e)}") from None
         with steps.step("metadata"):

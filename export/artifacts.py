@@ -133,8 +133,12 @@ def write_sidecar(artifact, meta: Dict[str, Any], parity: Optional[Dict[str, Any
     return out
 
 
-def _strip(meta: Dict[str, Any]) -> Dict[str, Any]:
+def strip_sidecar_keys(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The metadata proper (as embedded): without artifact_sha256 / parity of one artifact file."""
     return {k: v for k, v in meta.items() if k not in SIDECAR_ONLY_KEYS}
+
+
+_strip = strip_sidecar_keys
 
 
 def _check_expect(path, meta: Dict[str, Any], expect: Dict[str, Any]) -> None:

@@ -378,10 +378,11 @@ def export_trt(ckpt, out=None, *, precision: str = "fp32", calib=None, workspace
         if not quiet:
             print(res.summary())
     else:
-        from .artifacts import read_metadata
+        from .artifacts import read_metadata, strip_sidecar_keys
 
         fp32_path = pathlib.Path(onnx_fp32)
-        meta = read_metadata(fp32_path, expect={"export.scan": scan_mode, "export.precision": "fp32"})
+        meta = strip_sidecar_keys(read_metadata(fp32_path, expect={"export.scan": scan_mode,
+                                                                     "export.precision": "fp32"}))
     ex = meta["export"]
     hw, ch = tuple(ex["frame_hw"]), int(ex["frame_channels"])
     prec = a["precision"] or "fp32"

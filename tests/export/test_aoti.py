@@ -1,0 +1,67 @@
+"""AOTInductor package of a tiny DVAD: loads without the model code and equals PyTorch.
+
+One test (the CPU compile takes a minute or more on 2 cores): marked slow."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import FRAME_HW, fresh_frames
+
+LOADER = r"""
+import json, sys
+import numpy as np, torch
+from torch._inductor import aoti_load_package
+assert "models" not in sys.modules and "kernels" not in sys.modules
+runner = aoti_load_package(sys.argv[1])
+meta = json.loads(runner.get_metadata()["edge_ad"])
+res = {}
+for name in sys.argv[2:]:
+    frames = torch.from_numpy(np.load(name))
+    with torch.inference_mode():
+        outs = runner(frames)
+    res[name] = [o.numpy().tolist() for o in outs]
+    assert not any(m.startswith(("models", "kernels", "export")) for m in sys.modules), "model code imported"
+print(json.dumps({"meta": meta, "outs": res}))
+"""
+
+
+@pytest.mark.slow
+def test_aoti_package_loads_without_model_code_and_matches(tiny_ckpt, tiny_model, tmp_path):
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("AOTInductor on CPU needs a C++ compiler")
+    from export.aoti import export_aoti
+    from export.artifacts import read_metadata
+    from models.deploy import DeployModule
+
+    import torch._inductor.config as icfg
+
+    fast = ({"aot_inductor.compile_wrapper_opt_level": "O0"}
+            if hasattr(icfg.aot_inductor, "compile_wrapper_opt_level") else {})   # test speed only
+    res = export_aoti(tiny_ckpt, tmp_path / "out", frame_hw=FRAME_HW, frame_channels=1, max_batch=4, n=3, quiet=True,
+                      inductor_configs=fast)
+    assert res.parity.passed and res.path.suffix == ".pt2"
+    meta = read_metadata(res.path)
+    assert meta["export"]["format"] == "aoti" and meta["score_stats"] == tiny_model.score_stats.to_dict()
+    inputs = []
+    for b in (1, 3):
+        p = tmp_path / f"frames{b}.npy"
+        np.save(p, fresh_frames(b, FRAME_HW, 1, seed=300 + b))
+        inputs.append(str(p))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(res.path), *inputs], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["meta"]["export"]["frame_hw"] == list(FRAME_HW)
+    dm = DeployModule(tiny_model, frame_hw=FRAME_HW, frame_channels=1).eval()
+    for name in inputs:
+        with torch.no_grad():
+            ref = [o.numpy() for o in dm(torch.from_numpy(np.load(name)))]
+        for r, g in zip(ref, out["outs"][name]):
+            np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=1e-4, atol=2e-5)
