@@ -13,6 +13,7 @@ Rows per shape:
                is not a dependency; `mamba_ssm` row too when the package is installed
   chunked      kernels.selective_scan_chunked, eager
   compiled     torch.compile(selective_scan_chunked) (compile time reported separately)
+  fused_c      kernels.cpu_scan: the fused C forward (what the op runs on CPU by default)
   onnx_ort     the exported chunked graph (torch.onnx.export(dynamo=True)) in ONNX Runtime CPU
   triton       (CUDA only) the Triton kernel; chunked_cuda: the chunked path on the GPU
 Speed-ups are against `ref` and `ref_mamba`; errors are max |a - ref| / max |ref| against a
@@ -146,6 +147,11 @@ def bench_scan(length, dim, args, rows):
         out = {}
         s, t = _timeit(lambda: out.__setitem__("y", selective_scan_chunked(**kw)), args.reps)
         add("chunked", s, t, out["y"])
+        from kernels import cpu_scan
+        if cpu_scan.available():
+            s, t = _timeit(lambda: out.__setitem__("y", cpu_scan.selective_scan_cpu_fwd(**kw)[0]),
+                           args.reps)
+            add("fused_c", s, t, out["y"])
         if not args.no_compile:
             torch._dynamo.reset()
             compiled = torch.compile(selective_scan_chunked)

@@ -2,8 +2,8 @@
 habit: decided in one place, read by every call site).
 
 Modes:
-- "auto" (default): the registered custom op `edgead::selective_scan` (Triton on CUDA, chunked
-  standard ops on CPU), except while `torch.export` / `torch.onnx.export(dynamo=True)` trace
+- "auto" (default): the registered custom op `edgead::selective_scan` (Triton on CUDA; on CPU
+  the fused C kernel or the chunked standard ops, see `set_cpu_kernel`), except while `torch.export` / `torch.onnx.export(dynamo=True)` trace
   the model, where the chunked standard-op lowering is traced instead, so every exporter
   (ONNX, AOTInductor) sees only standard ops.
 - "chunked": always trace/run the chunked standard-op lowering directly (also lets
@@ -20,7 +20,8 @@ import contextlib
 import torch
 
 MODES = ("auto", "chunked", "plugin", "op")
-_state = {"mode": "auto"}
+CPU_KERNELS = ("fused", "chunked")
+_state = {"mode": "auto", "cpu_kernel": "fused"}
 
 
 def set_export_mode(mode: str) -> None:
@@ -50,6 +51,19 @@ def _exporting() -> bool:
         return bool(torch.compiler.is_exporting())
     except AttributeError:  # very old torch
         return False
+
+
+def set_cpu_kernel(kind: str) -> None:
+    """What the registered op runs on CPU tensors: "fused" (default; the C kernel of
+    `kernels.cpu_scan`, built on first use, falling back to chunked where no C compiler
+    works) or "chunked" (the standard-op lowering)."""
+    if kind not in CPU_KERNELS:
+        raise ValueError(f"set_cpu_kernel: kind={kind!r} is not one of {CPU_KERNELS}")
+    _state["cpu_kernel"] = kind
+
+
+def get_cpu_kernel() -> str:
+    return _state["cpu_kernel"]
 
 
 def resolve_lowering() -> str:

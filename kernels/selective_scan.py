@@ -10,6 +10,7 @@ consecutive ones); D, delta_bias: (D,).
 Lowerings, each checked against `selective_scan_ref` (the slow sequential oracle, tests only):
 - `selective_scan_chunked`: standard ops only (CPU path, ONNX / torch.export lowering).
 - `_selective_scan_fwd`: Triton forward kernel (CUDA path).
+- `kernels.cpu_scan.selective_scan_cpu_fwd`: fused C forward kernel (CPU path when it builds).
 - `kernels.onnx_plugin.selective_scan_plugin`: one custom ONNX node (TensorRT plugin).
 The public `selective_scan` is the registered op `edgead::selective_scan` (fake impl +
 autograd; analytic backward in standard ops: a reverse chunked scan).
@@ -21,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .lowering import resolve_lowering
+from . import cpu_scan
+from .lowering import get_cpu_kernel, resolve_lowering
 
 try:
     import triton
@@ -352,13 +354,16 @@ def _selective_scan_bwd_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softp
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered op: one node for torch.compile / torch.export; CUDA -> Triton, CPU -> chunked.
+# Registered op: one node for torch.compile / torch.export; CUDA -> Triton, CPU -> the fused C
+# kernel of kernels.cpu_scan (fp32/fp16/bf16, N <= 256, when a C compiler works) else chunked.
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("edgead::selective_scan", mutates_args=())
 def _selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
                        delta_bias: Optional[torch.Tensor],
                        delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if get_cpu_kernel() == "fused" and cpu_scan.supports(u, A) and cpu_scan.available():
+        return cpu_scan.selective_scan_cpu_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     y, h = selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
     return y, h.contiguous()
 
