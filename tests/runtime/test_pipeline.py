@@ -220,9 +220,12 @@ def test_engine_camera_mismatch_fails_at_start(padim_checkpoint):
     (["--engine", "/nonexistent/model.onnx", "--source", SIM], "engine file not found"),
     (["--engine", "{ckpt}", "--source", "nosuch://x"], "unknown source scheme"),
     (["--engine", "{ckpt}", "--source", SIM, "--tile", "64", "--stride", "80"], "stride"),
+    (["--engine", "{onnx}", "--source", SIM + "&format=RGB8"], "expects Mono8"),
+    (["--engine", "{onnx}", "--source", SIM, "--tile", "32"], "does not match"),
 ])
-def test_cli_user_errors_exit_2_with_one_line(args, needle, padim_checkpoint, capsys):
-    args = [a.replace("{ckpt}", str(padim_checkpoint)) for a in args]
+def test_cli_user_errors_exit_2_with_one_line(args, needle, padim_checkpoint, request, capsys):
+    onnx = request.getfixturevalue("onnx_artifact") if any("{onnx}" in a for a in args) else ""
+    args = [a.replace("{ckpt}", str(padim_checkpoint)).replace("{onnx}", str(onnx)) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and needle in err, err
