@@ -5,7 +5,8 @@ Built in prepare() from a handful of images (no gradient training):
                   and concatenated; for every patch scale k in `patch_scales` (an odd window on
                   that grid: 1, 3, 5 cells = 8, 24, 40 px at stride 8) the k x k average, L2
                   normalised.
-  normal memory   the patches of the first `n_shots` normal training images, per scale, greedily
+  normal memory   the patches of the first `n_shots` normal training images of every class (one
+                  shared memory for all classes), per scale, greedily
                   coreset-subsampled (k-center on a random projection, PatchCore style) to
                   `normal_memory` rows.
   anomalous memory  the patches under the defect masks of the annotated defect images (one is
@@ -54,7 +55,7 @@ class FewShotConfig(ConfigBase):
     encoder_weights: Optional[str] = None     # path to the encoder's weights (see models.encoders)
     layers: Tuple[int, ...] = (1, 2)          # encoder features used (indices of strides 4/8/16)
     patch_scales: Tuple[int, ...] = (1, 3, 5)  # odd windows on the feature grid
-    n_shots: int = 16                        # normal images used (0 = all training images)
+    n_shots: int = 16                        # normal images used per class (0 = all training images)
     normal_memory: int = 2048                # rows per scale after coreset subsampling
     anomalous_memory: int = 256
     knn: int = 1
@@ -248,13 +249,16 @@ class FewShot(AnomalyModel):
         c = self.config
         dev = self.normal_bank.device
         normals, anomalous = [], list(self._extra_anomalous) + self._load_config_anomalous()
-        for x, _, masks, labels in iter_batches(loader):
+        per_class: dict = {}
+        for x, cids, masks, labels in iter_batches(loader):
             for i in range(x.shape[0]):
+                cid = int(cids[i]) if cids is not None else 0
                 lab = int(labels[i]) if labels is not None else 0
                 if lab == 1 and masks is not None and bool(masks[i].any()):
                     anomalous.append((x[i].cpu(), masks[i].cpu()))
-                elif lab == 0 and (c.n_shots <= 0 or len(normals) < c.n_shots):
+                elif lab == 0 and (c.n_shots <= 0 or per_class.get(cid, 0) < c.n_shots):
                     normals.append(x[i].cpu())
+                    per_class[cid] = per_class.get(cid, 0) + 1
         if not normals:
             raise ValueError("few-shot prepare(): no normal training images in the loader")
         xn = torch.stack(normals)
