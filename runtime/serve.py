@@ -66,15 +66,18 @@ def _require_pytriton():
 
 
 # ---- engine loading ------------------------------------------------------------------------
-def open_engine(path, backend: Optional[str] = None, threads: int = 0):
+def open_engine(path, backend: Optional[str] = None, threads: int = 0, frame_hw=None,
+                frame_channels: Optional[int] = None, device: str = "cpu"):
     """Load any exported artifact as an engine (`infer(frames) -> dict`, `.meta`) through
-    `runtime.engines.load_engine` (ONNX Runtime, TensorRT, AOTInductor, checkpoint)."""
+    `runtime.engines.load_engine` (ONNX Runtime, TensorRT, AOTInductor, checkpoint).
+    `frame_hw` / `frame_channels` / `device` only matter for a checkpoint (`.pt`)."""
     from runtime.engines import load_engine
 
     path = pathlib.Path(path)
     if not path.exists():
         raise ServeError(f"{path}: artifact not found")
-    return load_engine(path, backend=backend, threads=threads)
+    return load_engine(path, backend=backend, threads=threads, frame_hw=frame_hw,
+                       frame_channels=frame_channels, device=device)
 
 
 # ---- the served model's I/O ------------------------------------------------------------------
@@ -137,6 +140,9 @@ class ServeConfig:
     threshold: Optional[float] = None
     backend: Optional[str] = None
     threads: int = 0
+    frame_hw: Optional[Tuple[int, int]] = None      # checkpoints only
+    frame_channels: Optional[int] = None            # checkpoints only
+    device: str = "cpu"                             # checkpoints / AOTInductor
     verbose: bool = False
 
     def validate(self) -> "ServeConfig":
@@ -270,7 +276,8 @@ def serve(config: ServeConfig, stop_event: Optional[threading.Event] = None, pol
     """Load the artifact, serve it until SIGTERM/SIGINT (or `stop_event`), stop cleanly."""
     config.validate()
     _require_pytriton()
-    engine = open_engine(config.engine, backend=config.backend, threads=config.threads)
+    engine = open_engine(config.engine, backend=config.backend, threads=config.threads,
+                         frame_hw=config.frame_hw, frame_channels=config.frame_channels, device=config.device)
     stop = stop_event or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -310,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None,
                    help="engine backend (runtime.engines: ort-cpu, ort-cuda, ort-trt, tensorrt, aoti, torch; default auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = library default)")
+    p.add_argument("--frame-size", default=None, help="checkpoint (.pt) only: frame HxW (default: the model input size)")
+    p.add_argument("--frame-channels", type=int, choices=(1, 3), default=None,
+                   help="checkpoint (.pt) only: 1 (Mono8) or 3 (RGB8) frames (default 3)")
+    p.add_argument("--device", default="cpu", help="checkpoint / AOTInductor device (cpu, cuda)")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -320,11 +331,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if not args.verbose:
         logging.getLogger("pytriton").setLevel(logging.WARNING)
+    frame_hw = None
+    if args.frame_size:
+        try:
+            h, w = (int(v) for v in args.frame_size.lower().split("x"))
+            if h < 1 or w < 1:
+                raise ValueError
+        except ValueError:
+            print(f"runtime.serve: error: --frame-size {args.frame_size!r}: expected HxW, e.g. 256x256",
+                  file=sys.stderr)
+            return 2
+        frame_hw = (h, w)
     cfg = ServeConfig(engine=args.engine, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                       metrics_port=args.metrics_port, max_batch=args.max_batch,
                       max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
                       model_name=args.model_name, threshold=args.threshold, backend=args.backend,
-                      threads=args.threads, verbose=args.verbose)
+                      threads=args.threads, frame_hw=frame_hw, frame_channels=args.frame_channels,
+                      device=args.device, verbose=args.verbose)
     try:
         return serve(cfg)
     except (ServeError, ValueError, FileNotFoundError) as e:

@@ -313,3 +313,25 @@ def test_port_in_use_is_one_clear_error(artifact):
                              cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"grpc_port {port}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_server_class_serves_a_checkpoint(padim_checkpoint):
+    """Any artifact runtime.engines opens can be served: here the checkpoint itself (torch backend),
+    in-process through `Server`, answers checked against the same engine called directly."""
+    from runtime.remote import RemoteEngine
+    from runtime.serve import Server
+
+    engine = open_engine(padim_checkpoint, backend="torch", frame_hw=(64, 64), frame_channels=1)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    cfg = ServeConfig(engine=str(padim_checkpoint), http_port=http_port, grpc_port=grpc_port,
+                      metrics_port=metrics_port, max_batch=2, model_name="ckpt")
+    frames = np.random.default_rng(5).integers(0, 256, (3, 64, 64, 1), dtype=np.uint8)
+    with Server(engine, cfg) as srv:
+        assert srv.is_alive()
+        with RemoteEngine.from_uri(f"http://127.0.0.1:{http_port}/ckpt") as remote:
+            got = remote.infer(frames)            # 3 frames > max batch 2: split in two requests
+        kids = descendants(os.getpid())
+    ref = engine.infer(frames)
+    np.testing.assert_allclose(got["anomaly_map"], ref["anomaly_map"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["score"], ref["score"].reshape(-1), rtol=1e-5, atol=1e-5)
+    assert not wait_gone([k for k in kids if "tritonserver" in k[1] or "stub" in k[1]])
