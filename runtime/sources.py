@@ -575,16 +575,14 @@ class OpenCVSource(Source):
 # ------------------------------------------------------------------------------------------
 # GenTL producers via harvesters
 # ------------------------------------------------------------------------------------------
-try:  # optional camera stack
-    from harvesters.core import Harvester as _Harvester
-except ImportError:  # pragma: no cover - depends on the environment
-    _Harvester = None
-
-
 def _require_harvesters():
-    if _Harvester is None:
+    """The optional GenTL stack, imported on first use (it is slow to import)."""
+    try:
+        from harvesters.core import Harvester
+    except ImportError:
         raise SourceError("genicam:// sources need harvesters and genicam: "
-                          "pip install 'harvesters>=1.4' 'genicam>=1.4'  (or pip install 'edge-ad[cameras]')")
+                          "pip install 'harvesters>=1.4' 'genicam>=1.4'  (or pip install 'edge-ad[cameras]')") from None
+    return Harvester
 
 
 def genicam_simulator_cti() -> Optional[pathlib.Path]:
@@ -616,7 +614,7 @@ class GenICamSource(Source):
 
     def __init__(self, uri: str, **overrides):
         super().__init__(uri)
-        _require_harvesters()
+        self._Harvester = _require_harvesters()
         u = urlsplit(uri)
         self.cti = pathlib.Path(unquote(u.netloc + u.path))
         if self.cti.suffix != ".cti":
@@ -636,7 +634,7 @@ class GenICamSource(Source):
         # pipeline estimates the gap across the reconnect from time and the line rate)
         self._tracker = _IndexTracker(wrap=1 << 64)
         uri, p = self.uri, self.p
-        self._h = _Harvester()
+        self._h = self._Harvester()
         self._h.add_file(str(self.cti))
         self._h.update()
         if not self._h.device_info_list:

@@ -180,3 +180,15 @@ def test_genicam_missing_producer_is_clear():
     pytest.importorskip("harvesters", reason="harvesters not installed")
     with pytest.raises(SourceError, match="not found"):
         open_source("genicam:///nonexistent/producer.cti")
+
+
+def test_linesim_stall_delays_then_loses_what_its_buffer_queue_cannot_hold():
+    # 2 kHz, 20-line buffers: a 20 ms stall fits a 16-buffer queue (160 ms), a 400 ms one overflows a
+    # 4-buffer queue (40 ms)
+    short = open_source("linesim://?width=16&rate=2000&lines=20&queue=16&total=600&stall=200:0.02")
+    assert sum(b.lines for b in _collect(short)) == 600 and short.lines_lost == 0
+    long = open_source("linesim://?width=16&rate=2000&lines=20&queue=4&total=1600&stall=200:0.4")
+    got = sum(b.lines for b in _collect(long))
+    assert got + long.lines_lost == 1600
+    # about 0.4 s x 2000 lines/s - 4 buffers x 20 lines = 720 lines lost (timing slack under load)
+    assert 400 <= long.lines_lost <= 1400
