@@ -420,8 +420,11 @@ class LineSimSource(Source):
             # the camera kept running while we were away: resume at the current line
             if self.rate > 0:
                 due = int((now - self._t0) * 1e-9 * self.rate) // self.lines
+                if self.total:
+                    due = min(due, -(-self.total // self.lines))
                 if due > self._next_buffer:
-                    self.lines_lost += (due - self._next_buffer) * self.lines
+                    end = min(due * self.lines, self.total) if self.total else due * self.lines
+                    self.lines_lost += end - self._next_buffer * self.lines
                     self._next_buffer = due
 
     def _due_ns(self, k: int) -> int:

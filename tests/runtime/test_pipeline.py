@@ -122,14 +122,14 @@ def test_overload_drop_oldest_bounds_memory_and_accounts_every_line(torch_engine
 
 
 def test_disconnect_is_survived_and_the_gap_counted(torch_engine):
-    uri = SIM + "&rate=4000&lines=32&total=1600&disconnect=700"
+    uri = SIM + "&rate=4000&lines=32&total=3200&disconnect=700"
     pipe, s, src = _run(torch_engine, uri, tile=TILE, stride=64, overload="block",
                         reconnect_backoff_s=0.2)
     _check_accounting(s, src)
     assert s["reconnects"] == 1
     assert s["dropped"]["reconnect_gap"] > 0            # the camera ran on while we were away
-    assert s["lines_in"] == 1600
-    assert s["lines_scored"] + s["dropped"]["reconnect_gap"] + s["dropped"]["camera_drop"] == 1600
+    assert s["lines_in"] == 3200
+    assert s["lines_scored"] + s["dropped"]["reconnect_gap"] + s["dropped"]["camera_drop"] == 3200
 
 
 def test_corrupt_buffers_and_an_engine_error_are_counted_and_the_stream_goes_on(torch_engine, monkeypatch):
