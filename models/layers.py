@@ -19,6 +19,7 @@ Shapes (B batch, S input side, f_s encoder feature at stride s with C_s channels
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -119,12 +120,18 @@ class CNNBranch(nn.Module):
 
 
 @functools.lru_cache(maxsize=16)
+def _gaussian_taps(sigma: float, truncate: float = 4.0) -> tuple:
+    # plain Python floats, no torch ops: a cached tensor (or a value computed from one while
+    # torch.export traces) would leak fake / symbolic values into later eager calls
+    radius = max(int(truncate * sigma + 0.5), 1)
+    k = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(-radius, radius + 1)]
+    total = math.fsum(k)
+    return tuple(v / total for v in k)
+
+
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Normalised 1-D Gaussian taps, radius int(truncate*sigma + 0.5) (scipy's convention)."""
-    radius = max(int(truncate * sigma + 0.5), 1)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).float()
+    return torch.tensor(_gaussian_taps(float(sigma), float(truncate)), dtype=torch.float32)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

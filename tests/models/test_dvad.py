@@ -272,3 +272,19 @@ def test_layers_shapes_for_odd_sizes():
     pe = L.PatchExpand(32, 16)
     assert pe(z).shape == (2, 16, 6, 8)
     assert pe(z, (5, 7)).shape == (2, 16, 5, 7)
+
+
+def test_blur_taps_do_not_leak_out_of_fake_tracing():
+    """A first call under FakeTensorMode (as in torch.export) must not poison later eager calls
+    (the taps used to be cached as a tensor)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ndimage = pytest.importorskip("scipy.ndimage")
+    sigma = 1.2345                              # a value no other test uses: a fresh cache entry
+    with FakeTensorMode() as mode:
+        L.gaussian_blur(mode.from_tensor(torch.zeros(1, 1, 20, 20)), sigma)
+    x = torch.rand(1, 1, 20, 20)
+    out = L.gaussian_blur(x, sigma)
+    assert type(out) is torch.Tensor
+    ref = ndimage.gaussian_filter(x[0, 0].double().numpy(), sigma, mode="nearest", truncate=4.0)
+    np.testing.assert_allclose(out[0, 0].numpy(), ref, rtol=0, atol=1e-6)
