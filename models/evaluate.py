@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on the test split of MVTec-layout data: metrics, JSON, PNG overlays.
 
     python -m models.evaluate --ckpt model.pt --data DIR [--classes a,b] [--out DIR]
-        [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu]
+        [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu] [--threads N]
 
 Library: `evaluate(ckpt_or_model, data, out_dir=None, ...) -> result dict`
     {"per_class": {name: {metric: value}}, "mean": {...}, "table": str, "n_images": int,
@@ -147,8 +147,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--overlays", type=int, default=4, help="images per worst/best x good/defect group")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from .checkpoint import CheckpointError
     from .data import DataError
     try:

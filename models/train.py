@@ -3,7 +3,8 @@
     python -m models.train --data DIR [--classes a,b] --model dvad --epochs N --out model.pt
         [--batch-size 8] [--lr LR] [--workers 0] [--seed 0] [--resume] [--preset paper]
         [--config '{"d_state": 16}' | --config d_state=16 --config scan=hilbert8 | --config cfg.json]
-        [--val-fraction 0.1] [--far 0.01] [--val-data DIR] [--device cpu]
+        [--val-fraction 0.1] [--far 0.01] [--val-data DIR] [--device cpu] [--threads N]
+        [--cache-gb 2] [--summary summary.json] [--no-progress]
 
 Library: `train(data, ...) -> (model, summary)`.
 
@@ -385,11 +386,14 @@ def main(argv=None) -> int:
     ap.add_argument("--val-data", default=None, help="labelled MVTec-layout folder for an F1-optimal threshold")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-gb", type=float, default=2.0, help="memory budget for cached encoder features")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--summary", default=None, help="write the summary JSON here")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
         _, summary = train(a.data, a.classes, a.model, a.epochs, a.out, a.batch_size, a.lr, a.workers,
                            a.seed, a.resume, parse_config_overrides(a.config), a.preset, a.val_fraction,
