@@ -306,3 +306,33 @@ def test_hard_stop_and_a_dead_stage_never_hang_and_keep_the_accounting(torch_eng
     assert time.monotonic() - t0 < 8
     assert "sink exploded" in s["error"]
     _check_accounting(s, src)
+
+
+def test_cli_sigterm_ends_an_endless_stream_with_the_summary(padim_checkpoint, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.stream", "--engine", str(padim_checkpoint),
+                             "--source", SIM + "&rate=2000", "--tile", "64", "--out", str(tmp_path)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        first = ""
+        while time.monotonic() < deadline:      # wait for the first live console line
+            first = proc.stdout.readline()
+            if first.startswith("[") or proc.poll() is not None:
+                break
+        assert "lines/s" in first, first + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out[out.index("\n{") + 1:])
+    assert summary["accounting_ok"] and summary["lines_in"] > 0
+    assert summary == json.loads((tmp_path / "summary.json").read_text())
