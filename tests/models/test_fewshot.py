@@ -164,3 +164,29 @@ def test_checkpoint_round_trip(seeded, tmp_path):
     # a loaded model is not rebuilt by a later finalize()
     back.finalize([])
     assert torch.equal(back.normal_bank, net.normal_bank)
+
+
+def test_n_shots_per_class_and_loader_defects_seed_anomalous_memory():
+    torch.manual_seed(0)
+    net = models.create_model("fewshot", pretrained=False,
+                              **FS.FewShotConfig.tiny(n_shots=2, normal_memory=4096).to_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4, 3, 64, 64, generator=g) - 1, torch.randn(4, 3, 64, 64, generator=g) + 1])
+    cid = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    mask = torch.zeros(8, 1, 64, 64)
+    label = torch.zeros(8, dtype=torch.long)
+    mask[3, :, 16:40, 16:40] = 1
+    label[3] = 1                       # a flagged defect image in the loader seeds the anomalous memory
+    loader = [dict(image=x[i:i + 4], class_id=cid[i:i + 4], mask=mask[i:i + 4], label=label[i:i + 4])
+              for i in (0, 4)]
+    net.prepare(loader)
+    assert float(net.has_anomalous) == 1
+    # memory = the patches of images 0, 1 (class 0) and 4, 5 (class 1), nothing else (no subsampling)
+    fs = net.patch_features(x)[0]                                    # scale 1
+    want = torch.cat([fs[i] for i in (0, 1, 4, 5)])
+    bank = net.normal_bank[0]
+    dist = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # noqa: E731
+    assert dist(want, bank).min(1).values.max() < 1e-5
+    assert dist(bank, want).min(1).values.max() < 1e-5
+    other = torch.cat([fs[i] for i in (2, 6, 7)])
+    assert dist(other, bank).min(1).values.min() > 1e-3
