@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import models
