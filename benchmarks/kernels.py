@@ -22,7 +22,7 @@ float64 run of the reference on a slice of channels (the full float64 run would 
     python benchmarks/kernels.py                      # all four shapes
     python benchmarks/kernels.py --lengths 64 256 --channel-div 4 --reps 3
 
-Writes a table to stdout and JSON to --json (default benchmarks/kernels.json).
+Writes a table to stdout and JSON to --json (default benchmarks/out/kernels.json).
 """
 from __future__ import annotations
 
@@ -136,13 +136,13 @@ def bench_scan(length, dim, args, rows):
     with torch.no_grad():
         if length <= args.ref_max_length:
             out = {}
-            s, t = _timeit(lambda: out.__setitem__("y", selective_scan_ref(**kw)), 1, warmup=0)
+            s, t = _timeit(lambda: out.__setitem__("y", selective_scan_ref(**kw)), args.ref_reps, warmup=0)
             add("ref", s, t, out["y"])
-            s, t = _timeit(lambda: out.__setitem__("y", ref_mamba_style(**kw)), 1, warmup=0)
+            s, t = _timeit(lambda: out.__setitem__("y", ref_mamba_style(**kw)), args.ref_reps, warmup=0)
             add("ref_mamba", s, t, out["y"])
             if importlib.util.find_spec("mamba_ssm") is not None:
                 from mamba_ssm.ops.selective_scan_interface import selective_scan_ref as mref
-                s, t = _timeit(lambda: out.__setitem__("y", mref(**kw)), 1, warmup=0)
+                s, t = _timeit(lambda: out.__setitem__("y", mref(**kw)), args.ref_reps, warmup=0)
                 add("mamba_ssm", s, t, out["y"])
         out = {}
         s, t = _timeit(lambda: out.__setitem__("y", selective_scan_chunked(**kw)), args.reps)
@@ -242,6 +242,8 @@ def main(argv=None):
     p.add_argument("--channel-div", type=int, default=1,
                    help="divide MambaAD's channel counts by this (a multiple of 8 must remain)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--ref-reps", type=int, default=1,
+                   help="timed repetitions of the slow sequential references (no warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch / ORT threads (default: all)")
     p.add_argument("--ref-max-length", type=int, default=4096,
                    help="skip the sequential references above this L")
@@ -249,7 +251,7 @@ def main(argv=None):
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--no-gpu", action="store_true")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "kernels.json"))
+                                                  "out", "kernels.json"))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,8 +269,9 @@ def main(argv=None):
                 cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
                 load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None,
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                channel_div=args.channel_div, reps=args.reps,
+                channel_div=args.channel_div, reps=args.reps, ref_reps=args.ref_reps,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"wrote {args.json}")
