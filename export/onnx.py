@@ -79,6 +79,47 @@ def _torch_export(dm, example, path: pathlib.Path, opset: int, dynamic: bool, na
     raise ExportError("ONNX export failed: " + "; ".join(errors))
 
 
+def fold_constant_topk(model_proto) -> int:
+    """Replace TopK nodes whose inputs are all initializers by constant outputs; returns how many.
+
+    The cross-scan merge sorts its constant scan-order tables (argsort -> TopK with K = H*W);
+    TensorRT rejects TopK with K >= 3840 (H*W = 4096 at stride 4 of a 256 input), and a constant
+    sort has no business running per frame anyway."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model_proto.graph.initializer}
+    keep, folded = [], 0
+    for node in model_proto.graph.node:
+        if (node.op_type == "TopK" and node.domain in ("", "ai.onnx") and len(node.input) == 2
+                and all(x in inits for x in node.input)):
+            x = numpy_helper.to_array(inits[node.input[0]])
+            k = int(numpy_helper.to_array(inits[node.input[1]]).reshape(-1)[0])
+            a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+            axis, largest = int(a.get("axis", -1)), int(a.get("largest", 1))
+            order = np.argsort(-x if largest else x, axis=axis, kind="stable")
+            idx = np.take(order, np.arange(k), axis=axis)
+            vals = np.take_along_axis(x, idx, axis=axis)
+            for name, arr in zip(node.output, (vals, idx.astype(np.int64))):
+                if name:
+                    model_proto.graph.initializer.append(numpy_helper.from_array(arr, name))
+            folded += 1
+            continue
+        keep.append(node)
+    if folded:
+        del model_proto.graph.node[:]
+        model_proto.graph.node.extend(keep)
+        outs = {o for n in keep for o in n.output}
+        kept_vi = [v for v in model_proto.graph.value_info if v.name in outs]
+        del model_proto.graph.value_info[:]
+        model_proto.graph.value_info.extend(kept_vi)
+        used = {x for n in keep for x in n.input} | {o.name for o in model_proto.graph.output}
+        kept_init = [i for i in model_proto.graph.initializer if i.name in used]
+        del model_proto.graph.initializer[:]
+        model_proto.graph.initializer.extend(kept_init)
+    return folded
+
+
 def check_onnx(model_proto, path=None, strict_shapes: bool = True):
     """onnx.checker + shape inference; raises ExportError naming what failed. Returns inferred model."""
     import onnx
@@ -126,6 +167,7 @@ def export_onnx(ckpt, out=None, *, batch="dynamic", opset: Optional[int] = None,
             exporter = _torch_export(dm, example, path, opset_v, bsz == "dynamic", names)
         with steps.step("check graph"):
             mp = onnx.load(str(path))
+            n_folded = fold_constant_topk(mp)
             n_plugin = count_plugin_nodes(mp)
             if (a["scan"] or "chunked") == "plugin" and n_plugin == 0:
                 raise ExportError("scan=plugin produced no SelectiveScan plugin node (does this model use "
@@ -134,8 +176,8 @@ def export_onnx(ckpt, out=None, *, batch="dynamic", opset: Optional[int] = None,
         with steps.step("metadata"):
             meta = build_metadata(
                 model, format="onnx", artifact=path.name, exporter=exporter, scan=a["scan"] or "chunked",
-                plugin_nodes=n_plugin, opset=opset_v, frame_hw=list(hw), frame_channels=int(ch),
-                batch=bsz, input="frames", input_layout="NHWC uint8, RGB order for 3 channels",
+                plugin_nodes=n_plugin, folded_constant_topk=n_folded, opset=opset_v, frame_hw=list(hw),
+                frame_channels=int(ch), batch=bsz, input="frames", input_layout="NHWC uint8, RGB order for 3 channels",
                 resize="bilinear, half-pixel (align_corners=False), no antialias, on float values",
                 outputs=list(names), precision=precision, source=str(ckpt) if not isinstance(ckpt, torch.nn.Module)
                 else "<model object>")

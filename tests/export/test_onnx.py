@@ -74,7 +74,7 @@ def test_graph_contract(onnx_chunked, onnx_plugin):
     assert isinstance(dims[0], str) and dims[1:] == [*FRAME_HW, 1]      # dynamic batch, NHWC
     assert [o.name for o in m.graph.output] == list(NAMES)
     ops = {n.op_type for n in m.graph.node}
-    assert not ops & {"Loop", "Scan", "SelectiveScan"}
+    assert not ops & {"Loop", "Scan", "SelectiveScan", "TopK"}   # constant scan-order sorts folded
     assert count_plugin_nodes(m) == 0
     p = onnx.load(str(onnx_plugin.path))
     nodes = [n for n in p.graph.node if n.op_type == "SelectiveScan"]
@@ -95,7 +95,7 @@ def test_metadata_round_trip(onnx_chunked, tiny_model):
     ex = meta["export"]
     assert ex["format"] == "onnx" and ex["scan"] == "chunked" and ex["opset"] == 18
     assert ex["frame_hw"] == list(FRAME_HW) and ex["frame_channels"] == 1 and ex["batch"] == "dynamic"
-    assert ex["outputs"] == list(NAMES) and ex["precision"] == "fp32"
+    assert ex["outputs"] == list(NAMES) and ex["precision"] == "fp32" and ex["folded_constant_topk"] == 2
     side = json.loads(sidecar_path(path).read_text())
     assert side["artifact_sha256"] == sha256_file(path)
     assert side["parity"]["passed"] is True
