@@ -16,9 +16,8 @@ artifact's sha256); checkpoints carry their own.
 """
 from __future__ import annotations
 
-import json
 import pathlib
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 

@@ -23,13 +23,10 @@ URIs:
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import pathlib
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -414,9 +411,7 @@ class LineSimSource(Source):
         if self._pages is None:
             self._load_pages()
         now = time.monotonic_ns()
-        if self._t0 is None:
-            self._t0 = now
-        else:
+        if self._t0 is not None:
             # the camera kept running while we were away: resume at the current line
             if self.rate > 0:
                 due = int((now - self._t0) * 1e-9 * self.rate) // self.lines
@@ -431,6 +426,8 @@ class LineSimSource(Source):
         return self._t0 + int((k + 1) * self.lines / self.rate * 1e9)
 
     def _read(self) -> Optional[Buffer]:
+        if self._t0 is None:    # acquisition starts with the first read (like a camera's AcquisitionStart)
+            self._t0 = time.monotonic_ns()
         while True:
             k = self._next_buffer
             start = k * self.lines

@@ -1,12 +1,11 @@
 """Engines behind one interface: exported ONNX vs the PyTorch checkpoint on fresh random frames
 (odd batches, fixed-batch engines), backend choice and the clear errors."""
-import json
 
 import numpy as np
 import pytest
 
-from runtime.engines import (Engine, EngineError, OrtEngine, TorchEngine, available_backends,
-                             choose_backend, load_engine, trt)
+from runtime.engines import (Engine, EngineError, OrtEngine, available_backends, choose_backend,
+                             load_engine, trt)
 from tests.runtime.conftest import TILE, export_onnx_artifact
 
 

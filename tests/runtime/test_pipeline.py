@@ -12,8 +12,8 @@ import pytest
 from runtime.engines import EngineError, load_engine
 from runtime.pipeline import Pipeline, StreamConfig
 from runtime.sources import open_source
-from runtime.stream import StreamError, main, run_stream
-from tests.runtime.conftest import SIM, TILE, WIDTH
+from runtime.stream import main, run_stream
+from tests.runtime.conftest import SIM, TILE
 
 
 def _check_accounting(s, src=None):
