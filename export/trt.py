@@ -40,8 +40,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from ._common import ExportError, Steps, first_line, load_model, resolve_out
-from .artifacts import build_metadata, embed_onnx_metadata, sha256_file, write_sidecar
+from ._common import ExportError, Steps, first_line, load_model
+from .artifacts import embed_onnx_metadata, sha256_file, write_sidecar
 from .formats import validate_args
 
 try:
@@ -296,8 +296,6 @@ def build_engine(onnx_path, engine_path, frame_hw, channels: int, min_batch=1, o
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if plugin and hasattr(parser, "set_flag") and hasattr(trt, "OnnxParserFlag"):
-        pass  # plugin nodes resolve through the registry; no parser flag needed
     if not parser.parse_from_file(str(onnx_path)):
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errs[:10]))

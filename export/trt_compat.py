@@ -15,7 +15,7 @@ import argparse
 import pathlib
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 

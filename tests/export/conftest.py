@@ -2,7 +2,6 @@
 session (export is the slow part: ~1 min each on 2 cores)."""
 import contextlib
 import io
-import pathlib
 
 import numpy as np
 import pytest

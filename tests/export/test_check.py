@@ -1,6 +1,4 @@
 """Parity gate: passes an honest export, catches a corrupted one and says what failed."""
-import shutil
-
 import numpy as np
 import onnx
 import pytest

@@ -1,5 +1,4 @@
 """Triton model repository: config.pbtxt parses as a ModelConfig and matches the graph."""
-import numpy as np
 import pytest
 
 from export.triton_repo import export_triton_repo
