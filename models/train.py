@@ -268,6 +268,12 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
     state_path = _state_path(out)
     start_epoch, history, images_seen, train_time = 0, [], 0, 0.0
     t_cache = 0.0
+    prep_loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, num_workers=workers)
+    if not net.needs_gradient_training:
+        t0 = time.perf_counter()
+        net.prepare(prep_loader)                 # statistics / memory banks: the whole "training"
+        train_time = time.perf_counter() - t0
+        images_seen = len(train_ds)
     if net.needs_gradient_training and epochs > 0:
         base_lr = lr if lr is not None else getattr(net.config, "lr", 0.005) * batch_size / 16
         wd = getattr(net.config, "weight_decay", 1e-4)
@@ -280,7 +286,7 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
             history = [float(v) for v in blob["loss_history"]]
             images_seen, train_time = int(blob["images_seen"]), float(blob["train_time"])
             log(f"resuming from {state_path} after epoch {start_epoch}")
-        net.prepare(torch.utils.data.DataLoader(train_ds, batch_size=batch_size, num_workers=workers))
+        net.prepare(prep_loader)
         cache = None
         if start_epoch < epochs:
             t0 = time.perf_counter()
@@ -338,7 +344,7 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
                                              images_seen=images_seen, train_time=train_time))
         del cache
     net.eval()
-    net.finalize(torch.utils.data.DataLoader(train_ds, batch_size=batch_size, num_workers=workers))
+    net.finalize(prep_loader)
 
     # ---- calibration on held-out images ------------------------------------------------------
     vl = torch.utils.data.DataLoader(val_ds, batch_size=batch_size, num_workers=workers)

@@ -175,3 +175,18 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "no_such_field" in err and "unknown config field" in err
     assert main(["--data", str(root), "--model", "nope", "--no-progress"]) == 2
     assert "registered" in capsys.readouterr().err
+
+
+def test_statistics_models_are_fitted_by_train(synth):
+    """Models without gradient training (PaDiM) get their prepare() call from models.train: the
+    fitted model differs from a fresh one and its threshold comes from its own held-out scores."""
+    import models
+
+    model, s = train(synth, model="padim", epochs=0, config={"input_size": 64}, **QUIET)
+    fresh = models.create_model("padim", input_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[1], fresh(x)[1])
+    assert s["images_seen"] == s["train_images"] and model.score_stats.n_images == s["val_images"]
+    pr = _test_scores(model, synth)
+    assert np.std(pr["scores"]) > 0
