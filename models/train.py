@@ -219,15 +219,19 @@ def _load_state(path: pathlib.Path, model_name: str, config: dict) -> dict:
     return blob
 
 
-def _feature_cache(model, dataset, batch_size, workers, budget_bytes, device, progress):
+def _feature_cache(model, dataset, batch_size, workers, budget_bytes, device, progress, log):
     """Encoder features of every training image, per scale (N, C, h, w) on `device`, or None."""
     if not (getattr(model, "frozen_encoder", False) and hasattr(model, "encode")
             and hasattr(model, "loss_from_features")) or len(dataset) == 0:
         return None
     x0 = dataset[0]["image"][None].to(device)
     per_image = sum(f[0].numel() * 4 for f in model.encode(x0))
-    if per_image * len(dataset) > budget_bytes:
+    need = per_image * len(dataset)
+    if need > budget_bytes:
+        log(f"not caching encoder features: {need / 2 ** 30:.2f} GiB > --cache-gb "
+            f"{budget_bytes / 2 ** 30:.2f}; the encoder runs every step")
         return None
+    log(f"caching encoder features of {len(dataset)} images ({need / 2 ** 20:.0f} MiB)")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     feats: List[List[torch.Tensor]] = []
     cids = []
@@ -290,7 +294,7 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
         cache = None
         if start_epoch < epochs:
             t0 = time.perf_counter()
-            cache = _feature_cache(net, train_ds, batch_size, workers, cache_gb * 2 ** 30, device, progress)
+            cache = _feature_cache(net, train_ds, batch_size, workers, cache_gb * 2 ** 30, device, progress, log)
             t_cache = time.perf_counter() - t0
         summary["feature_cache"] = cache is not None
         n = len(train_ds)
