@@ -95,8 +95,14 @@ def stream_run(engine, uri: str, cfg: StreamConfig, seconds: float, warmup: floa
     b, tb = pipe.snapshot(), time.monotonic()
     s = pipe.finish()
     dt = tb - ta
+    calls = max(b["engine_calls"] - a["engine_calls"], 1)
     s["steady"] = {"tiles_per_s": (b["tiles_scored"] - a["tiles_scored"]) / dt,
-                   "lines_per_s": (b["lines_scored"] - a["lines_scored"]) / dt, "seconds": dt}
+                   "lines_per_s": (b["lines_scored"] - a["lines_scored"]) / dt, "seconds": dt,
+                   # fraction of wall time the engine was busy: ~1.0 means the pipeline kept it fed,
+                   # and any gap to the bare figure is the engine itself running slower
+                   "engine_busy": (b["engine_time_s"] - a["engine_time_s"]) / dt,
+                   "tiles_per_call": (b["tiles_scored"] - a["tiles_scored"]) / calls,
+                   "ms_per_call": 1000 * (b["engine_time_s"] - a["engine_time_s"]) / calls}
     return s
 
 
@@ -132,14 +138,17 @@ def main(argv=None) -> int:
 
     # interleaved rounds (bare, stream, bare, stream, ...): the machine's load drifts, so each
     # stream figure is compared with the bare figures measured right around it
-    bares, streams, lat = [], [], []
+    bares, streams, lat, busy = [], [], [], []
     for r in range(a.rounds):
-        bares.append(bare_throughput(engine, frames, a.seconds)["tiles_per_s"])
+        bares.append(bare_throughput(engine, frames, a.seconds))
         full = stream_run(engine, sim_uri(a.width, 0, a.lines, seed=r), cfg, a.seconds, a.warmup)
         streams.append(full["steady"]["tiles_per_s"])
+        busy.append({k: full["steady"][k] for k in ("engine_busy", "tiles_per_call", "ms_per_call")})
         lat.append(full["latency_ms"])
         acc_ok = full["accounting_ok"]
-    bares.append(bare_throughput(engine, frames, a.seconds)["tiles_per_s"])
+    bares.append(bare_throughput(engine, frames, a.seconds))
+    bare_ms = [b["ms_per_call"] for b in bares]
+    bares = [b["tiles_per_s"] for b in bares]
     ratios = [s_ / ((bares[i] + bares[i + 1]) / 2) for i, s_ in enumerate(streams)]
     capacity_lines = full["steady"]["lines_per_s"]
     rate = max(1.0, a.load * capacity_lines)
@@ -151,6 +160,7 @@ def main(argv=None) -> int:
         "max_batch": a.max_batch, "rounds": a.rounds,
         "bare_tiles_per_s": bares, "stream_tiles_per_s": streams,
         "stream_vs_bare": ratios, "stream_vs_bare_median": float(np.median(ratios)),
+        "bare_ms_per_call": bare_ms, "stream_engine": busy,
         "stream_lines_per_s_last_round": capacity_lines,
         "paced": {"line_rate": rate, "load": a.load, "lines_per_s": paced["steady"]["lines_per_s"],
                   "latency_ms": paced["latency_ms"], "oldest_line_age_ms": paced["oldest_line_age_ms"],
