@@ -277,6 +277,15 @@ class TensorRTEngine(Engine):
         return {k: v.float().cpu().numpy() for k, v in outs.items()}
 
 
+def _to_device(torch, frames: np.ndarray, device: str):
+    """uint8 frames to the engine's device: through pinned memory for CUDA (an async copy of
+    the raw uint8 bytes; resize and normalisation then run on the GPU inside the engine)."""
+    x = torch.from_numpy(frames)
+    if str(device).startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True)
+    return x
+
+
 # ------------------------------------------------------------------------------------------
 # AOTInductor package
 # ------------------------------------------------------------------------------------------
@@ -303,7 +312,7 @@ class AOTIEngine(Engine):
     def _run(self, frames):
         torch = self.torch
         with torch.inference_mode():
-            outs = self.runner(torch.from_numpy(frames).to(self.device))
+            outs = self.runner(_to_device(torch, frames, self.device))
         if isinstance(outs, torch.Tensor):
             outs = [outs]
         return {n: o.detach().float().cpu().numpy() for n, o in zip(self.output_names, outs)}
@@ -340,7 +349,7 @@ class TorchEngine(Engine):
     def _run(self, frames):
         torch = self.torch
         with torch.inference_mode():
-            outs = self.module(torch.from_numpy(frames).to(self.device))
+            outs = self.module(_to_device(torch, frames, self.device))
         return {n: o.float().cpu().numpy() for n, o in zip(OUTPUTS, outs)}
 
 
