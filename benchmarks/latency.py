@@ -25,6 +25,7 @@ import copy
 import csv
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import pathlib
@@ -345,7 +346,13 @@ class OrtRunner(Runner):
 
             path = self.workdir / "model.int8.onnx"
             if not path.is_file():
-                quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+                root = logging.getLogger()
+                level = root.level
+                root.setLevel(logging.ERROR)   # the quantiser logs each tensor it leaves in float
+                try:
+                    quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+                finally:
+                    root.setLevel(level)
             self.notes.append("int8: onnxruntime dynamic quantisation (int8 weights, activations "
                               "quantised at run time), uncalibrated")
         self.artifact = str(path)
