@@ -141,7 +141,11 @@ def scan_orders(H: int, W: int, kind: str = "hilbert8") -> torch.Tensor:
 
 
 def inverse_orders(orders: torch.Tensor) -> torch.Tensor:
-    """inv[k, orders[k, i]] = i, computed without scatter (argsort of a permutation)."""
+    """inv[k, orders[k, i]] = i, computed without scatter (argsort of a permutation).
+
+    Compute it once (e.g. at model init, as a buffer) and pass it to `cross_merge(...,
+    inverse=...)`: otherwise the argsort is traced into exported graphs (ONNX TopK with
+    K = H*W, which TensorRT rejects for K >= 3840)."""
     return torch.argsort(orders, dim=-1)
 
 
@@ -163,9 +167,10 @@ def cross_scan(x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
     return seq.reshape(b, c, k, h * w).transpose(1, 2)
 
 
-def cross_merge(y: torch.Tensor, orders: torch.Tensor, hw=None) -> torch.Tensor:
+def cross_merge(y: torch.Tensor, orders: torch.Tensor, hw=None, inverse=None) -> torch.Tensor:
     """y (B, K, C, L) -> (B, C, H, W): each direction put back in row-major pixel order by a
-    gather with the inverse table, summed over K. `hw` = (H, W); defaults to a square map."""
+    gather with the inverse table, summed over K. `hw` = (H, W); defaults to a square map.
+    `inverse`: `inverse_orders(orders)` precomputed (recommended for export: no sort traced)."""
     if y.dim() != 4:
         raise ValueError(f"cross_merge: y must be (B, K, C, L), got shape {tuple(y.shape)}")
     b, k, c, length = y.shape
@@ -180,7 +185,13 @@ def cross_merge(y: torch.Tensor, orders: torch.Tensor, hw=None) -> torch.Tensor:
     h, w = int(hw[0]), int(hw[1])
     if h * w != length:
         raise ValueError(f"cross_merge: hw={hw} does not match L={length}")
-    inv = inverse_orders(orders.to(y.device))
+    if inverse is None:
+        inv = inverse_orders(orders.to(y.device))
+    else:
+        if tuple(inverse.shape) != tuple(orders.shape):
+            raise ValueError(f"cross_merge: inverse must have the shape of orders "
+                             f"{tuple(orders.shape)}, got {tuple(inverse.shape)}")
+        inv = inverse.to(y.device)
     # flat index into the (K*L) axis: direction k's pixel p sits at k*L + inv[k, p]
     flat_idx = (inv + torch.arange(k, device=y.device)[:, None] * length).reshape(-1)
     seq = y.transpose(1, 2).reshape(b, c, k * length)

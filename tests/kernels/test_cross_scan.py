@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels import cross_merge, cross_scan, scan_orders
-from kernels.cross_scan import cross_merge_ref, hilbert_path
+from kernels.cross_scan import cross_merge_ref, hilbert_path, inverse_orders
 
 SHAPES = [(1, 1), (1, 7), (3, 5), (4, 4), (5, 5), (6, 9), (8, 8), (7, 12)]
 KINDS_K = {"hilbert8": 8, "raster4": 4, "raster2": 2, "raster1": 1}
@@ -89,6 +89,10 @@ def test_cross_scan_and_merge_match_loops(kind, hw):
     y = torch.randn_like(xs)
     merged = cross_merge(y, o, hw=(H, W))
     torch.testing.assert_close(merged, cross_merge_ref(y, o, (H, W)), rtol=1e-6, atol=1e-6)
+    inv = inverse_orders(o)
+    for k in range(o.shape[0]):
+        assert torch.equal(o[k][inv[k]], torch.arange(H * W))
+    assert torch.equal(cross_merge(y, o, (H, W), inverse=inv), merged)
     # scan then merge = K copies of the map
     torch.testing.assert_close(cross_merge(xs, o, hw=(H, W)), x * o.shape[0], rtol=1e-6, atol=1e-6)
 
@@ -113,6 +117,8 @@ def test_bad_input_messages():
         scan_orders(4, 4, "zigzag")
     with pytest.raises(ValueError, match="orders"):
         cross_scan(torch.randn(1, 2, 4, 4), scan_orders(3, 3))
+    with pytest.raises(ValueError, match="inverse"):
+        cross_merge(torch.randn(1, 1, 2, 16), scan_orders(4, 4, "raster1"), inverse=torch.arange(16))
     with pytest.raises(ValueError, match="square"):
         cross_merge(torch.randn(1, 1, 2, 15), scan_orders(3, 5, "raster1"))
 
@@ -124,15 +130,18 @@ def test_onnx_export_uses_gather_only():
     H, W = 5, 6
     o = scan_orders(H, W)
 
+    inv = inverse_orders(o)
+
     class ScanMerge(torch.nn.Module):
         def forward(self, x):
-            return cross_merge(cross_scan(x, o) * 2.0, o, hw=(H, W))
+            return cross_merge(cross_scan(x, o) * 2.0, o, hw=(H, W), inverse=inv)
 
     torch.manual_seed(2)
     x = torch.randn(2, 3, H, W)
     proto = torch.onnx.export(ScanMerge().eval(), (x,), dynamo=True, verbose=False).model_proto
     ops = {n.op_type for n in proto.graph.node}
     assert "Gather" in ops and not any(op.startswith("Scatter") for op in ops)
+    assert "TopK" not in ops  # the precomputed inverse keeps any sort out of the graph
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(out, (x * 2 * o.shape[0]).numpy(), rtol=1e-5, atol=1e-5)
