@@ -52,7 +52,8 @@ STAGES = ("copy_in", "preprocess", "infer", "postprocess", "copy_out")
 ROW_FIELDS = (
     "backend", "precision", "batch", "device", "status", "reason", "model", "role",
     "n", "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms", "images_per_s",
-    "load_s", "first_call_ms", "host_load_mib", "host_infer_peak_mib", "host_mem_method",
+    "load_s", "first_call_ms", "host_load_mib", "host_first_call_mib", "host_infer_peak_mib",
+    "host_mem_method",
     "device_load_mib", "device_torch_peak_mib", "device_used_delta_mib", "stages_ms", "stages_note",
     "score_max_abs_diff", "artifact", "notes",
 )
@@ -647,10 +648,12 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
         for b in settings.batches:
             f = frames[b]
             c = timing.Candidate(name=f"{key[0]}/{key[1]}/b{b}", fn=(lambda r=r, f=f: r.run(f)), device=device)
-            meta[id(c)] = dict(runner=r, key=key, batch=b, first_call_ms=None)
+            meta[id(c)] = dict(runner=r, key=key, batch=b, first_call_ms=None, host_first_call_mib=None)
             # first call (lazy compilation, allocator growth, engine setup) is reported on its own
             try:
-                meta[id(c)]["first_call_ms"] = timing.Clock(device).time(c.fn)
+                with timing.HostMemory() as hm:
+                    meta[id(c)]["first_call_ms"] = timing.Clock(device).time(c.fn)
+                meta[id(c)]["host_first_call_mib"] = timing.mib(hm.peak_delta_bytes)
             except Exception as e:
                 c.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
             candidates.append(c)
@@ -676,7 +679,7 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
         role = "reference" if backend in REFERENCE_BACKENDS else "backend"
         row = _blank_row(backend, precision, b, device, role, r.model.model_name)
         row.update(load_info[(backend, precision)])
-        row.update(first_call_ms=m["first_call_ms"], artifact=r.artifact, stages_note=r.stages_note,
+        row.update(first_call_ms=m["first_call_ms"], host_first_call_mib=m["host_first_call_mib"], artifact=r.artifact, stages_note=r.stages_note,
                    notes="; ".join(n for n in r.notes if n))
         if c.error is not None or not c.samples_ms:
             row.update(status="error", reason=c.error or "no samples")
@@ -752,16 +755,18 @@ def _fmt(v, nd=2):
 
 def _table_rows(result) -> Tuple[List[str], List[List[str]]]:
     head = ["backend", "precision", "batch", "median ms", "p90 ms", "p99 ms", "img/s", "load s",
-            "first call ms", "host MiB", "dev MiB", "|d score|"]
+            "first call ms", "host MiB", "dev MiB", "score diff"]
     body = []
     for r in result["rows"]:
         if r["status"] != "ok":
             continue
         dev = r["device_torch_peak_mib"] if r["device_torch_peak_mib"] is not None else r["device_used_delta_mib"]
+        host = sum(v for v in (r["host_load_mib"], r["host_first_call_mib"], r["host_infer_peak_mib"])
+                   if v is not None)
         body.append([r["backend"] + (" (ref)" if r["role"] == "reference" else ""), r["precision"],
                      str(r["batch"]), _fmt(r["median_ms"]), _fmt(r["p90_ms"]), _fmt(r["p99_ms"]),
                      _fmt(r["images_per_s"], 1), _fmt(r["load_s"]), _fmt(r["first_call_ms"], 0),
-                     _fmt(r["host_infer_peak_mib"], 1), _fmt(dev, 1),
+                     _fmt(host, 1), _fmt(dev, 1),
                      "-" if r["score_max_abs_diff"] is None else f"{r['score_max_abs_diff']:.1e}"])
     return head, body
 
@@ -805,6 +810,9 @@ def format_markdown(result, command: str) -> str:
         "|" + "|".join("---" for _ in head) + "|",
     ]
     lines += ["| " + " | ".join(b) + " |" for b in body]
+    lines += ["", "Latency per batch call, uint8 frames in, numpy results out. first call = lazy compile / "
+              "set-up; host MiB = rise of the process's peak resident memory while loading, during the first call and during a later call (backends share one process: weights loaded once count once); score diff = max |score - "
+              "PyTorch eager fp32 score| on the same frames."]
     un = [r for r in result["rows"] if r["status"] != "ok"]
     if un:
         lines += ["", "Not run here:"]

@@ -77,7 +77,9 @@ def test_quick_writes_csv_png_markdown(quick_run):
         assert float(c["stage_infer_ms"]) == pytest.approx(j["stages_ms"]["infer"])
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "latency.md").read_text()
-    assert md.count("\n| ") >= 1 + len(ok_json) and "Machine:" in md and "Command:" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + len(ok_json) and "Machine:" in md and "Command:" in md
+    assert len({ln.count("|") for ln in table}) == 1      # every row has the header's cell count
 
 
 def _result(rows):
