@@ -679,8 +679,8 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
         role = "reference" if backend in REFERENCE_BACKENDS else "backend"
         row = _blank_row(backend, precision, b, device, role, r.model.model_name)
         row.update(load_info[(backend, precision)])
-        row.update(first_call_ms=m["first_call_ms"], host_first_call_mib=m["host_first_call_mib"], artifact=r.artifact, stages_note=r.stages_note,
-                   notes="; ".join(n for n in r.notes if n))
+        row.update(first_call_ms=m["first_call_ms"], host_first_call_mib=m["host_first_call_mib"],
+                   artifact=r.artifact, stages_note=r.stages_note, notes="; ".join(n for n in r.notes if n))
         if c.error is not None or not c.samples_ms:
             row.update(status="error", reason=c.error or "no samples")
             rows.append(row)
@@ -689,12 +689,18 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
         row.update(timing.summarize(c.samples_ms, batch=b))
         # stage split, then memory of one call (both after timing, never inside it)
         st = timing.StageTimer(device)
-        for _ in range(settings.stage_reps):
-            out = r.run(frames[b], st.stage)
+        try:
+            for _ in range(settings.stage_reps):
+                out = r.run(frames[b], st.stage)
+            with timing.HostMemory() as hm, timing.DeviceMemory(device) as dm:
+                r.run(frames[b])
+        except Exception as e:   # timed fine but failed later: keep the timings, say what failed
+            row.update(status="error", reason=f"after timing: {type(e).__name__}: "
+                                              f"{(str(e).strip().splitlines() or [''])[0]}")
+            rows.append(row)
+            continue
         med = st.medians()
         row["stages_ms"] = {s: med.get(s) for s in STAGES}
-        with timing.HostMemory() as hm, timing.DeviceMemory(device) as dm:
-            r.run(frames[b])
         row.update(host_infer_peak_mib=timing.mib(hm.peak_delta_bytes), host_mem_method=hm.method,
                    device_torch_peak_mib=timing.mib(dm.torch_peak_bytes),
                    device_used_delta_mib=timing.mib(dm.device_used_delta_bytes))
@@ -811,8 +817,9 @@ def format_markdown(result, command: str) -> str:
     ]
     lines += ["| " + " | ".join(b) + " |" for b in body]
     lines += ["", "Latency per batch call, uint8 frames in, numpy results out. first call = lazy compile / "
-              "set-up; host MiB = rise of the process's peak resident memory while loading, during the first call and during a later call (backends share one process: weights loaded once count once); score diff = max |score - "
-              "PyTorch eager fp32 score| on the same frames."]
+              "set-up; host MiB = rise of the process's peak resident memory while loading, during the "
+              "first call and during a later call (backends share one process: weights loaded once count "
+              "once); score diff = max |score - PyTorch eager fp32 score| on the same frames."]
     un = [r for r in result["rows"] if r["status"] != "ok"]
     if un:
         lines += ["", "Not run here:"]
