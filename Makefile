@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(PY) -m benchmarks.demo
+	$(PY) demo.py $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m pytest -q
