@@ -97,18 +97,24 @@ class TrtExport:
 
 
 # ---- graph precision --------------------------------------------------------------------
+SCAN_MODULES = re.compile(r"\.(SS2D|Mamba\w*|SelectiveScan\w*)'")
+
+
 def scan_node_names(model) -> List[str]:
-    """Nodes traced from the selective-scan lowering (stack trace / namespace metadata)."""
+    """Nodes of the selective-scan sub-graph, from the exporter's node metadata: traced from
+    kernels/selective_scan.py (stack trace), or - where the stack trace stops at the model's
+    call site - any node inside a Mamba-style module (class SS2D / Mamba* / SelectiveScan*):
+    a superset that keeps the whole scan branch in fp32."""
     names = []
     for n in model.graph.node:
         if n.op_type == "SelectiveScan":
             names.append(n.name)
             continue
-        for p in n.metadata_props:
-            if p.key in ("pkg.torch.onnx.stack_trace", "namespace") and (
-                    SCAN_SOURCE in p.value or "selective_scan" in p.value):
-                names.append(n.name)
-                break
+        md = {p.key: p.value for p in n.metadata_props}
+        trace = md.get("pkg.torch.onnx.stack_trace", "")
+        if SCAN_SOURCE in trace or "selective_scan" in trace or SCAN_MODULES.search(
+                md.get("pkg.torch.onnx.class_hierarchy", "")):
+            names.append(n.name)
     return names
 
 
