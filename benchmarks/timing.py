@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import resource
 import sys
 import time
 import tracemalloc
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
