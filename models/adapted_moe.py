@@ -264,7 +264,8 @@ class AdaptedMoE(AnomalyModel):
         used = torch.zeros(m)
         used[labels.unique()] = 1.0
         self.expert_used.copy_(used)
-        self.stats_initialised.zero_()
+        if float(self.stats_initialised.sum()) > 0:
+            return      # already trained (a resumed run): keep the trained centers and statistics
         # router centers start at the class means of the initial router embedding
         h = self.router_hidden(es.to(self.emb_mean.device)).cpu()
         for k in range(m):

@@ -211,3 +211,26 @@ def test_kmeans_matches_sklearn_partition():
     # the same partition up to label permutation
     pairs = set(zip(ours.tolist(), ref.tolist()))
     assert len(pairs) == 3
+
+
+def test_prepare_again_after_training_keeps_trained_state():
+    # models.train calls prepare() again when it resumes: trained centers / statistics must survive
+    torch.manual_seed(0)
+    net = models.create_model("adapted_moe", pretrained=False, **A.AdaptedMoEConfig.tiny().to_dict())
+    g = torch.Generator().manual_seed(0)
+    loader = [dict(image=torch.randn(4, 3, 64, 64, generator=g), class_id=torch.tensor([0, 1, 0, 1]))
+              for _ in range(2)]
+    net.prepare(loader)
+    opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-2)
+    for b in loader:
+        loss = net.training_loss(b["image"], b["class_id"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    centers, mean = net.centers.detach().clone(), net.expert_mean.clone()
+    net.prepare(loader)
+    assert torch.equal(net.centers, centers) and torch.equal(net.expert_mean, mean)
+    fresh = models.create_model("adapted_moe", pretrained=False, **A.AdaptedMoEConfig.tiny().to_dict())
+    fresh.load_state_dict(net.state_dict())
+    fresh.prepare(loader)
+    assert torch.equal(fresh.centers, centers)
