@@ -199,6 +199,7 @@ def _state_path(out) -> Optional[pathlib.Path]:
 
 
 def _save_state(path: pathlib.Path, blob: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)

@@ -92,13 +92,14 @@ def _tiny_run(root, out, epochs, resume=False, **kw):
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     root = generate_dataset(tmp_path / "d", classes=("texture",), n_train=10, n_test_good=1,
                             n_test_defect=1, size=64, seed=1)
-    full, s_full = _tiny_run(root, tmp_path / "a.pt", 2)
+    full, s_full = _tiny_run(root, tmp_path / "new" / "dir" / "a.pt", 2)   # --out in a folder not yet there
     _tiny_run(root, tmp_path / "b.pt", 1)
     state = torch.load(str(tmp_path / "b.pt") + ".state", weights_only=True)
     assert state["epoch"] == 1
     resumed, s_res = _tiny_run(root, tmp_path / "b.pt", 2, resume=True)
     assert s_res["loss_history"][0] == s_full["loss_history"][0]
     np.testing.assert_allclose(s_res["loss_history"], s_full["loss_history"], rtol=1e-6)
+    assert (tmp_path / "new" / "dir" / "a.pt.state").is_file()
     sa, sb = full.state_dict(), resumed.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
