@@ -117,19 +117,11 @@ def export_aoti(ckpt, out=None, *, frame_hw=None, frame_channels: Optional[int] 
         res = AotiExport(path, side, meta)
         if check:
             with steps.step("parity"):
-                from .check import ParityError, check_artifact
+                from .check import gate_and_record
 
                 if dev == "cuda":
                     model = model.cpu()
-                parity = check_artifact(model, path, images=images, n=a["n"] or 8, meta=meta)
-                res.parity = parity
-                if not parity.passed:
-                    rejected = path.with_name(path.stem + ".rejected" + path.suffix)
-                    os.replace(path, rejected)
-                    os.replace(side, rejected.with_name(rejected.name + ".json"))
-                    write_sidecar(rejected, meta, parity=parity.to_dict())
-                    raise ParityError(parity, f"{path} (kept as {rejected.name} for inspection)")
-                write_sidecar(path, meta, parity=parity.to_dict())
+                res.parity = gate_and_record(model, path, side, meta, images=images, n=a["n"] or 8)
     finally:
         steps.close()
     res.seconds = time.perf_counter() - t0

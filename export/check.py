@@ -368,6 +368,25 @@ def gate(ckpt, artifact, meta: dict, images=None, n: int = 8, tolerances=None, r
     return res
 
 
+def gate_and_record(model, path, sidecar, meta: dict, images=None, n: int = 8) -> ParityResult:
+    """The exporters' gate: on failure the artifact (and its sidecar) is renamed `*.rejected.*`
+    for inspection and ParityError is raised; on success the sidecar records the parity report."""
+    import os
+
+    from .artifacts import write_sidecar
+
+    path = pathlib.Path(path)
+    parity = check_artifact(model, path, images=images, n=n, meta=meta)
+    if not parity.passed:
+        rejected = path.with_name(path.stem + ".rejected" + path.suffix)
+        os.replace(path, rejected)
+        os.replace(sidecar, rejected.with_name(rejected.name + ".json"))
+        write_sidecar(rejected, meta, parity=parity.to_dict())
+        raise ParityError(parity, f"{path} (kept as {rejected.name} for inspection)")
+    write_sidecar(path, meta, parity=parity.to_dict())
+    return parity
+
+
 def main(argv=None) -> int:
     from ._common import run_cli
 

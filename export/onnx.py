@@ -13,7 +13,6 @@ run the parity gate (export/check.py). An artifact that fails the gate is rename
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 import time
@@ -187,17 +186,9 @@ def export_onnx(ckpt, out=None, *, batch="dynamic", opset: Optional[int] = None,
         res = OnnxExport(path, side, meta, node_count=len(mp.graph.node), size_bytes=path.stat().st_size)
         if check:
             with steps.step("parity"):
-                from .check import ParityError, check_artifact
+                from .check import gate_and_record
 
-                parity = check_artifact(model, path, images=images, n=a["n"] or 8, meta=meta)
-                res.parity = parity
-                if not parity.passed:
-                    rejected = path.with_name(path.stem + ".rejected" + path.suffix)
-                    os.replace(path, rejected)
-                    os.replace(side, rejected.with_name(rejected.name + ".json"))
-                    write_sidecar(rejected, meta, parity=parity.to_dict())
-                    raise ParityError(parity, f"{path} (kept as {rejected.name} for inspection)")
-                write_sidecar(path, meta, parity=parity.to_dict())
+                res.parity = gate_and_record(model, path, side, meta, images=images, n=a["n"] or 8)
     finally:
         steps.close()
     res.seconds = time.perf_counter() - t0

@@ -248,7 +248,7 @@ class Pipeline:
     # stage 1: capture
     # ------------------------------------------------------------------------------------
     def _capture(self) -> None:
-        st, src, cfg = self.stats, self.source, self.cfg
+        st, src = self.stats, self.source
         cam = src.meta
         unit = 1 if not self.area else cam.height      # lines per index step
         expected = None
