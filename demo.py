@@ -42,8 +42,9 @@ def _is_gray(data: pathlib.Path) -> bool:
 
 
 def subset_folder(src: pathlib.Path, dst: pathlib.Path, max_train: int, max_test: int) -> pathlib.Path:
-    """A small MVTec-layout view of `src` (symlinks): the first `max_train` train/good images and
-    `max_test` images per test type of every class, in sorted name order, with their masks."""
+    """A small MVTec-layout view of `src` (symlinks, one folder per class): the first `max_train`
+    train/good images and `max_test` images per test type of every class, in sorted name order,
+    with their masks."""
     from models.data import scan_mvtec
 
     if dst.exists():
@@ -51,15 +52,14 @@ def subset_folder(src: pathlib.Path, dst: pathlib.Path, max_train: int, max_test
 
         shutil.rmtree(dst)
     for split, cap in (("train", max_train), ("test", max_test)):
-        samples, names = scan_mvtec(src, None, split)
-        multi = len(names) > 1 or not (src / "train").is_dir()
+        samples, _ = scan_mvtec(src, None, split)
         kept = {}
         for s in sorted(samples, key=lambda s: str(s.path)):
             key = (s.class_name, s.defect_type)
             if kept.get(key, 0) >= cap:
                 continue
             kept[key] = kept.get(key, 0) + 1
-            root = dst / s.class_name if multi else dst
+            root = dst / s.class_name          # always a folder of class folders: names are kept
             link = root / split / s.defect_type / pathlib.Path(s.path).name
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(pathlib.Path(s.path).resolve())
