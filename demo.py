@@ -124,14 +124,15 @@ def main(argv=None) -> int:
     # 4. export ----------------------------------------------------------------------------
     log("[4/5] exporting ONNX (raw uint8 frames in; resize + normalisation inside) with the parity gate")
     gray = _is_gray(data)
-    exported = export_onnx(ckpt, out / "export", frame_channels=1 if gray else 3)
+    test_dirs = sorted(p for p in data.rglob("test") if p.is_dir())
+    exported = export_onnx(ckpt, out / "export", frame_channels=1 if gray else 3,
+                           images=test_dirs[0])    # the parity gate runs on real test images
     onnx_path = exported.path
     log(exported.summary())
 
     # 5. stream ----------------------------------------------------------------------------
     # The simulated camera scrolls the test images (normal and defective) along an endless strip,
     # each image resized to the camera width, and injects two dark holes at known positions.
-    test_dirs = sorted(p for p in data.rglob("test") if p.is_dir())
     src = (f"linesim://?width={args.width}&rate={args.line_rate:g}&lines=64&images={test_dirs[0]}"
            f"&defects=700:60:6;2300:180:9&seed=0&format={'Mono8' if gray else 'RGB8'}")
     log(f"[5/5] streaming {src}\n      through {onnx_path} for {args.stream_seconds:g} s")
