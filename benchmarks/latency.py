@@ -978,6 +978,24 @@ def settings_from_args(a) -> Settings:
     return s
 
 
+RESULTS_MD = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+BLOCK_START, BLOCK_END = "<!-- make-bench:start -->", "<!-- make-bench:end -->"
+
+
+def refresh_results_block(results_md: pathlib.Path, table_md: str) -> pathlib.Path:
+    """Replace the text between the make-bench markers of RESULTS.md with `table_md` (the markers
+    and a heading are appended when the file has none); everything else is left as it was."""
+    text = results_md.read_text() if results_md.exists() else "# Results\n"
+    block = f"{BLOCK_START}\n{table_md.strip()}\n{BLOCK_END}"
+    if BLOCK_START in text and BLOCK_END in text and text.index(BLOCK_START) < text.index(BLOCK_END):
+        head, rest = text.split(BLOCK_START, 1)
+        text = head + block + rest.split(BLOCK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## `make bench` (latest run)\n\n" + block + "\n"
+    results_md.write_text(text)
+    return results_md
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     command = "python benchmarks/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -1006,6 +1024,8 @@ def main(argv=None) -> int:
     if old is not None:
         result["compare"] = {"against": str(a.compare), "rows": compare_results(result, old)}
     paths = write_outputs(result, a.out, command)
+    if a.make_bench and not a.quick:
+        paths["results"] = str(refresh_results_block(RESULTS_MD, pathlib.Path(paths["md"]).read_text()))
     print()
     print(format_table(result))
     if old is not None:
