@@ -154,8 +154,6 @@ class AdaptedMoE(AnomalyModel):
         super().__init__(config, pretrained)
         c = config
         self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
         self.layer_ids = tuple(int(i) for i in c.layers)
         cin = sum(self.encoder.channels[i] for i in self.layer_ids)
         d = int(c.feature_dim) or cin
@@ -179,11 +177,6 @@ class AdaptedMoE(AnomalyModel):
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()
-        return self
 
     # ---- features ------------------------------------------------------------------------
     def frozen_features(self, x):

@@ -141,8 +141,6 @@ class FewShot(AnomalyModel):
         super().__init__(config, pretrained)
         c = config
         self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
         self.layer_ids = tuple(int(i) for i in c.layers)
         self.scales = tuple(int(k) for k in c.patch_scales)
         d = sum(self.encoder.channels[i] for i in self.layer_ids)
@@ -161,11 +159,6 @@ class FewShot(AnomalyModel):
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()
-        return self
 
     # ---- features ------------------------------------------------------------------------
     def patch_features(self, x, with_grid: bool = False):

@@ -165,8 +165,6 @@ class OmniAD(AnomalyModel):
         super().__init__(config, pretrained)
         c = config
         self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
         enc_ch = list(self.encoder.channels)              # strides 4, 8, 16
         dims = [c.width * 8, c.width * 4, c.width * 2, c.width]  # strides 32, 16, 8, 4
         self.neck = _layers.Neck(enc_ch, dims[0])
@@ -186,11 +184,6 @@ class OmniAD(AnomalyModel):
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()  # frozen: BN statistics stay fixed
-        return self
 
     def encode(self, x):
         """Frozen encoder features [f4, f8, f16] (no gradient)."""

@@ -22,3 +22,12 @@ def test_preprocess_normalisation_is_the_encoders(name):
     # independent of the model: a fresh encoder of the configured kind says what it expects
     ref = create_encoder(model.config.encoder, pretrained=False)
     assert pp.mean == pytest.approx(tuple(ref.mean)) and pp.std == pytest.approx(tuple(ref.std))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_encoder_stays_frozen_when_the_model_trains(name):
+    model = create_model(name, pretrained=False).train()
+    assert model.training and not model.encoder.training
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.trainable_parameters())
+    assert not set(map(id, model.encoder.parameters())) & set(map(id, model.trainable_parameters()))
