@@ -110,6 +110,23 @@ def run_cli(fn: Callable[[], object], quiet_errors: tuple = ()) -> int:
     return 0
 
 
+def format_main(format_name: str, prog: str, doc: str, export_fn, argv=None) -> int:
+    """The whole CLI of a simple exporter: the format table's flags, one call, print the summary."""
+    import argparse
+
+    from .formats import add_cli_args, cli_kwargs
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    add_cli_args(ap, format_name)
+
+    def body():
+        kw = cli_kwargs(ap.parse_args(argv), format_name)
+        res = export_fn(kw.pop("ckpt"), kw.pop("out"), **{k: v for k, v in kw.items() if v is not None})
+        print(res.summary())
+
+    return run_cli(body)
+
+
 def first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else type(e).__name__

@@ -14,7 +14,6 @@ the loaded package against PyTorch. CPU compilation needs a C++ compiler (gcc/cl
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -130,18 +129,9 @@ def export_aoti(ckpt, out=None, *, frame_hw=None, frame_channels: Optional[int] 
 
 
 def main(argv=None) -> int:
-    from ._common import run_cli
-    from .formats import add_cli_args, cli_kwargs
+    from ._common import format_main
 
-    ap = argparse.ArgumentParser(prog="python -m export.aoti", description=__doc__.split("\n\n")[0])
-    add_cli_args(ap, "aoti")
-
-    def body():
-        kw = cli_kwargs(ap.parse_args(argv), "aoti")
-        res = export_aoti(kw.pop("ckpt"), kw.pop("out"), **{k: v for k, v in kw.items() if v is not None})
-        print(res.summary())
-
-    return run_cli(body)
+    return format_main("aoti", "python -m export.aoti", __doc__, export_aoti, argv)
 
 
 if __name__ == "__main__":

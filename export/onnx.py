@@ -12,7 +12,6 @@ run the parity gate (export/check.py). An artifact that fails the gate is rename
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -197,18 +196,9 @@ def export_onnx(ckpt, out=None, *, batch="dynamic", opset: Optional[int] = None,
 
 
 def main(argv=None) -> int:
-    from ._common import run_cli
-    from .formats import add_cli_args, cli_kwargs
+    from ._common import format_main
 
-    ap = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
-    add_cli_args(ap, "onnx")
-
-    def body():
-        kw = cli_kwargs(ap.parse_args(argv), "onnx")
-        res = export_onnx(kw.pop("ckpt"), kw.pop("out"), **{k: v for k, v in kw.items() if v is not None})
-        print(res.summary())
-
-    return run_cli(body)
+    return format_main("onnx", "python -m export.onnx", __doc__, export_onnx, argv)
 
 
 if __name__ == "__main__":

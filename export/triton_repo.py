@@ -13,7 +13,6 @@ parsed back with tritonclient's model_config_pb2 (when tritonclient is installed
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import shutil
@@ -170,18 +169,9 @@ def export_triton_repo(ckpt, out=None, *, format: str = "onnx", max_batch: int =
 
 
 def main(argv=None) -> int:
-    from ._common import run_cli
-    from .formats import add_cli_args, cli_kwargs
+    from ._common import format_main
 
-    ap = argparse.ArgumentParser(prog="python -m export.triton_repo", description=__doc__.split("\n\n")[0])
-    add_cli_args(ap, "triton")
-
-    def body():
-        kw = cli_kwargs(ap.parse_args(argv), "triton")
-        res = export_triton_repo(kw.pop("ckpt"), kw.pop("out"), **{k: v for k, v in kw.items() if v is not None})
-        print(res.summary())
-
-    return run_cli(body)
+    return format_main("triton", "python -m export.triton_repo", __doc__, export_triton_repo, argv)
 
 
 if __name__ == "__main__":
