@@ -19,14 +19,6 @@ from models.train import predict, train
 CLASSES = ("texture", "object")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)    # 2 shared cores: oversubscription makes tiny ops 20x slower
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return generate_dataset(tmp_path_factory.mktemp("syn"), classes=CLASSES, n_train=16, n_test_good=8,

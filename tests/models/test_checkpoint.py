@@ -12,14 +12,6 @@ from models.base import ScoreStats
 from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)

@@ -14,15 +14,6 @@ from models import layers as L
 from models.registry import get_model_class
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one intra-op thread is faster and does not fight other test processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_cfg(name):
     ccls = get_model_class(name).config_class
     if hasattr(ccls, "tiny"):

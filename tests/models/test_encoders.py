@@ -20,15 +20,6 @@ def _norm(x, mean, std):
     return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors: one intra-op thread is faster and does not fight other test processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lite0():
     return E.load_efficientnet_lite0()

@@ -16,14 +16,6 @@ from models.synthetic import generate_dataset
 from models.train import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)    # 2 shared cores: oversubscription makes tiny ops 20x slower
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = generate_dataset(tmp_path_factory.mktemp("syn"), classes=("texture",), n_train=8, n_test_good=8,

@@ -14,15 +14,6 @@ from models.synthetic import generate_dataset
 from models.train import predict, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box has 2 shared cores: oversubscribed intra-op threads make tiny convs 20x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = generate_dataset(tmp_path_factory.mktemp("syn"), classes=("texture",), n_train=16,

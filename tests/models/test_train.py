@@ -17,15 +17,6 @@ TINY = D.DVADConfig.tiny().to_dict()
 QUIET = dict(progress=False, log=lambda msg: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one intra-op thread is faster and does not fight the other test processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     # colour-shift defects are left out: on a gray texture at 64 px they are nearly invisible
