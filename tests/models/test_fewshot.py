@@ -14,6 +14,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.data import DataError, make_datasets
 from models.synthetic import generate_dataset
 from models.train import train
+from tests.models.onnx_parity import assert_onnx_matches_pytorch
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +129,8 @@ def test_bad_anomalous_images_entries(tmp_path, data):
 
 
 def test_onnx_export_matches_pytorch(seeded, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     _, net = seeded["hole"]
-    net.eval()
-    path = tmp_path / "fewshot.onnx"
-    batch = torch.export.Dim("batch", min=1, max=16)
-    torch.onnx.export(net, (torch.randn(2, 3, 128, 128),), str(path), dynamo=True, input_names=["x"],
-                      output_names=["anomaly_map", "score"], dynamic_shapes={"x": {0: batch}})
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x3 = torch.randn(3, 3, 128, 128)
-    amap, score = sess.run(None, {"x": x3.numpy()})
-    with torch.no_grad():
-        ra, rs = net(x3)
-    np.testing.assert_allclose(amap, ra.numpy(), rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(score, rs.numpy(), rtol=1e-3, atol=1e-4)
+    assert_onnx_matches_pytorch(net, tmp_path / "fewshot.onnx")
 
 
 def test_checkpoint_round_trip(seeded, tmp_path):

@@ -1,6 +1,5 @@
 """Omni-AD: trains on synthetic data and separates defects (through models.train), the attention
 against torch's SDPA, a trained (not rebuilt) FFN, ONNX (dynamo) == PyTorch, checkpoint round trip."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.data import make_datasets
 from models.synthetic import generate_dataset
 from models.train import predict, train
+from tests.models.onnx_parity import assert_onnx_matches_pytorch
 
 
 @pytest.fixture(scope="module")
@@ -122,21 +122,8 @@ def test_paper_preset_depths():
 
 
 def test_onnx_export_matches_pytorch(trained, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     _, net, _ = trained
-    net.eval()
-    x = torch.randn(2, 3, 128, 128)
-    path = tmp_path / "omniad.onnx"
-    batch = torch.export.Dim("batch", min=1, max=16)
-    torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["x"],
-                      output_names=["anomaly_map", "score"], dynamic_shapes={"x": {0: batch}})
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x3 = torch.randn(3, 3, 128, 128)
-    amap, score = sess.run(None, {"x": x3.numpy()})
-    with torch.no_grad():
-        ra, rs = net(x3)
-    np.testing.assert_allclose(amap, ra.numpy(), rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(score, rs.numpy(), rtol=1e-3, atol=1e-4)
+    assert_onnx_matches_pytorch(net, tmp_path / "omniad.onnx")
 
 
 def test_checkpoint_round_trip(trained, tmp_path):
