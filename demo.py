@@ -111,9 +111,9 @@ def main(argv=None) -> int:
     # 2. train -----------------------------------------------------------------------------
     log(f"[2/5] training a small DVAD for {args.epochs} epochs on {data}")
     ckpt = out / "model.pt"
-    model, summary = train(data, model="dvad", epochs=args.epochs, out=ckpt, batch_size=8,
-                           config=dict(DEMO_CONFIG), seed=0)
-    log(f"      {summary.get('train_time_s', 0):.0f} s, {summary.get('images_per_s', 0):.1f} images/s "
+    _, summary = train(data, model="dvad", epochs=args.epochs, out=ckpt, batch_size=8,
+                       config=dict(DEMO_CONFIG), seed=0)
+    log(f"      {summary['train_time_s']:.0f} s, {summary['images_per_s']:.1f} images/s "
         f"-> {ckpt}")
 
     # 3. evaluate --------------------------------------------------------------------------
