@@ -5,7 +5,8 @@ what all need (shape checks, padding / splitting for engines built with a fixed 
 Backends (`BACKENDS`):
 
   ort-cpu / ort-cuda / ort-trt   an exported ONNX through ONNX Runtime (CPU, CUDA EP, TensorRT EP)
-  tensorrt                        a TensorRT plan (`model.engine`), device buffers as torch CUDA tensors
+  tensorrt                        a TensorRT plan (`model.engine`), device buffers from runtime.cuda_buffers
+                                  (pycuda, else cuda-python, else torch CUDA tensors)
   aoti                            an AOTInductor package (`model.pt2`), torch._inductor.aoti_load_package
   torch                           a checkpoint (`model.pt`) wrapped in models.deploy.DeployModule
 
@@ -20,6 +21,8 @@ import pathlib
 from typing import Dict, Optional, Tuple
 
 import numpy as np
+
+from . import cuda_buffers
 
 try:  # optional: ONNX Runtime is a core dependency, but keep the runtime importable without it
     import onnxruntime as ort
@@ -229,20 +232,40 @@ class OrtEngine(Engine):
 # TensorRT (plan file + sidecar metadata)
 # ------------------------------------------------------------------------------------------
 class TensorRTEngine(Engine):
+    """A TensorRT plan run with `execute_async_v3`. Device buffers come from
+    `runtime.cuda_buffers` (DESIGN.md section 7): `buffers="auto"` takes pycuda when installed,
+    else cuda-python, else torch CUDA tensors; name one of them to force it, or pass an open
+    `DeviceBuffers` (the caller then owns and closes it). Input and output buffers are kept
+    between calls and grow with the batch. Not run on a GPU in this repository's CI."""
+
     backend = "tensorrt"
 
-    def __init__(self, path, meta: Optional[dict] = None):
+    def __init__(self, path, meta: Optional[dict] = None, buffers="auto", device: int = 0):
+        if not isinstance(buffers, cuda_buffers.DeviceBuffers):
+            try:
+                cuda_buffers.check_preference(buffers)
+            except ValueError as e:
+                raise EngineError(f"{path}: {e}") from None
         _require_tensorrt()
+        self._own_buffers = not isinstance(buffers, cuda_buffers.DeviceBuffers)
+        self._bufs: Dict[str, object] = {}
+        self.buffers = None
+        if self._own_buffers:
+            try:
+                self.buffers = cuda_buffers.select_buffers(buffers, device=device)
+            except cuda_buffers.BuffersUnavailable as e:
+                raise EngineError(f"{path}: TensorRT needs an NVIDIA GPU and CUDA device buffers; {e}") from None
+        else:
+            self.buffers = buffers
         try:
-            import torch
-        except ImportError:  # pragma: no cover
-            raise EngineError("TensorRT engines use torch CUDA tensors as device buffers: install torch") from None
-        if not torch.cuda.is_available():
-            raise EngineError(f"{path}: TensorRT needs an NVIDIA GPU; none is visible (torch.cuda.is_available() "
-                              "is False). Use the ONNX artifact with --backend ort-cpu instead")
+            self._open(path, meta)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path, meta):
         meta = meta if meta is not None else read_engine_metadata(path)
         hw, ch, batch = _export_info(meta, path)
-        self.torch = torch
         logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(logger)
         self.engine = self.runtime.deserialize_cuda_engine(pathlib.Path(path).read_bytes())
@@ -257,24 +280,60 @@ class TensorRTEngine(Engine):
         super().__init__(path, meta, tuple(shape[1:3]) if min(shape[1:3]) > 0 else hw, ch,
                          shape[0] if shape[0] > 0 else None)
         self.outputs = [n for n in self.names if n not in self.inputs]
-        self.stream = torch.cuda.Stream()
+        np_types = {trt.float32: np.float32, trt.float16: np.float16}
+        self.out_dtypes = {}
+        for n in self.outputs:
+            dt = self.engine.get_tensor_dtype(n)
+            if dt not in np_types:
+                raise EngineError(f"{path}: output {n!r} has TensorRT dtype {dt}; expected float32 or float16")
+            self.out_dtypes[n] = np_types[dt]
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["buffers"] = self.buffers.name if self.buffers is not None else None
+        return d
+
+    def _buffer(self, name: str, nbytes: int):
+        """The device buffer kept for tensor `name`, reallocated when `nbytes` outgrows it."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            if buf is not None:
+                self.buffers.free(buf)
+            buf = self._bufs[name] = self.buffers.alloc(max(int(nbytes), 1))
+        return buf
 
     def _run(self, frames):
-        torch = self.torch
-        with torch.cuda.stream(self.stream):
-            x = torch.from_numpy(frames).pin_memory().to("cuda", non_blocking=True)
-            self.context.set_input_shape("frames", tuple(x.shape))
-            self.context.set_tensor_address("frames", x.data_ptr())
+        cb, ctx = self.buffers, self.context
+        try:
+            if not ctx.set_input_shape("frames", tuple(frames.shape)):
+                raise EngineError(f"{self.path.name}: TensorRT rejected input shape {tuple(frames.shape)} "
+                                  "(outside the engine's optimisation profile?)")
+            inp = self._buffer("frames", frames.nbytes)
+            cb.upload(inp, frames)
+            ctx.set_tensor_address("frames", inp.ptr)
             outs = {}
             for n in self.outputs:
-                shp = tuple(self.context.get_tensor_shape(n))
-                dt = {trt.float32: torch.float32, trt.float16: torch.float16}[self.engine.get_tensor_dtype(n)]
-                outs[n] = torch.empty(shp, dtype=dt, device="cuda")
-                self.context.set_tensor_address(n, outs[n].data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
-        self.stream.synchronize()
-        return {k: v.float().cpu().numpy() for k, v in outs.items()}
+                outs[n] = np.empty(tuple(ctx.get_tensor_shape(n)), self.out_dtypes[n])
+                ctx.set_tensor_address(n, self._buffer(n, outs[n].nbytes).ptr)
+            if not ctx.execute_async_v3(cb.stream_handle):
+                raise EngineError(f"{self.path.name}: TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            for n, arr in outs.items():
+                cb.download(self._bufs[n], arr)
+            cb.synchronize()
+        except cuda_buffers.CudaBuffersError as e:
+            raise EngineError(f"{self.path.name}: {e}") from None
+        return {k: v.astype(np.float32, copy=False) for k, v in outs.items()}
+
+    def close(self) -> None:
+        cb, self.buffers = self.buffers, None
+        if cb is None:
+            return
+        bufs, self._bufs = self._bufs, {}
+        if self._own_buffers:
+            cb.close()
+        elif not cb.closed:
+            for b in bufs.values():
+                cb.free(b)
 
 
 def _to_device(torch, frames: np.ndarray, device: str):
@@ -367,7 +426,7 @@ def available_backends() -> Tuple[str, ...]:
         cuda = torch.cuda.is_available()
     except ImportError:  # pragma: no cover
         torch, cuda = None, False
-    if trt is not None and cuda:
+    if trt is not None and (cuda or cuda_buffers.usable() is not None):
         out.append("tensorrt")
     if torch is not None:
         out += ["aoti", "torch"]
@@ -399,9 +458,10 @@ def choose_backend(path, backend: Optional[str] = None) -> str:
 
 
 def load_engine(path, backend: Optional[str] = None, frame_hw=None, frame_channels: Optional[int] = None,
-                device: str = "cpu", threads: int = 0) -> Engine:
+                device: str = "cpu", threads: int = 0, buffers="auto") -> Engine:
     """Open an engine file. `frame_hw` / `frame_channels` only shape a checkpoint's DeployModule
-    (exported engines carry theirs in metadata)."""
+    (exported engines carry theirs in metadata); `buffers` picks the TensorRT runner's device
+    buffers (runtime.cuda_buffers: auto, pycuda, cuda-python, torch)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: engine file not found")
@@ -409,7 +469,7 @@ def load_engine(path, backend: Optional[str] = None, frame_hw=None, frame_channe
     if b.startswith("ort"):
         return OrtEngine(path, b, threads=threads)
     if b == "tensorrt":
-        return TensorRTEngine(path)
+        return TensorRTEngine(path, buffers=buffers)
     if b == "aoti":
         return AOTIEngine(path, device=device)
     return TorchEngine(path, frame_hw=frame_hw, frame_channels=frame_channels or 3, device=device,
