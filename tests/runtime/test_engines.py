@@ -4,8 +4,9 @@
 import numpy as np
 import pytest
 
-from runtime.engines import (Engine, EngineError, OrtEngine, available_backends, choose_backend,
-                             load_engine, trt)
+from runtime import cuda_buffers
+from runtime.engines import (Engine, EngineError, OrtEngine, TensorRTEngine, available_backends,
+                             choose_backend, load_engine, trt)
 from tests.runtime.conftest import TILE, export_onnx_artifact
 
 
@@ -79,13 +80,33 @@ def test_backend_choice(tmp_path):
 
 def test_tensorrt_without_tensorrt_or_gpu_is_a_clear_error(tmp_path):
     (tmp_path / "m.engine").write_bytes(b"not a plan")
-    if trt is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("TensorRT and a GPU are present: the error path does not apply")
-    with pytest.raises(EngineError, match="TensorRT"):
+    if trt is None:
+        with pytest.raises(EngineError, match=r"TensorRT engines need the TensorRT Python package.*pip install"):
+            TensorRTEngine(tmp_path / "m.engine")
+        with pytest.raises(EngineError, match=r"TensorRT engines need the TensorRT Python package"):
+            load_engine(tmp_path / "m.engine", buffers="torch")
+        return
+    try:
+        cuda_buffers.select_buffers("auto").close()
+    except cuda_buffers.BuffersUnavailable as e:
+        reasons = e.reasons
+    else:
+        pytest.skip("TensorRT and CUDA device buffers are present: the error path does not apply")
+    # tensorrt imports but no device buffers: one error naming every candidate and its reason
+    with pytest.raises(EngineError) as ei:
         load_engine(tmp_path / "m.engine")
+    msg = str(ei.value)
+    assert "TensorRT needs an NVIDIA GPU" in msg
+    for name, kind, _ in reasons:
+        assert f"- {name}: {kind}" in msg
+
+
+def test_tensorrt_buffers_choice_is_checked_first(tmp_path):
+    (tmp_path / "m.engine").write_bytes(b"not a plan")
+    for call in (lambda: TensorRTEngine(tmp_path / "m.engine", buffers="cupy"),
+                 lambda: load_engine(tmp_path / "m.engine", buffers="cupy")):
+        with pytest.raises(EngineError, match=r"m.engine: buffers='cupy'; expected one of auto, pycuda, cuda-python, torch"):
+            call()
 
 
 def test_missing_engine_file(tmp_path):
