@@ -285,8 +285,9 @@ class PycudaBuffers(DeviceBuffers):
         except ImportError as e:
             if _import_missing(e, "pycuda"):
                 raise BackendUnusable(self.name, NOT_INSTALLED, "no module named 'pycuda'") from None
-            # pycuda links libcuda: a failed load of it means no driver
-            raise BackendUnusable(self.name, NO_DRIVER, f"import pycuda.driver: {_first_line(e)}") from None
+            # pycuda's extension links libcuda: a failed load of it means no driver
+            kind = NO_DRIVER if "libcuda" in str(e) else FAILED
+            raise BackendUnusable(self.name, kind, f"import pycuda.driver: {_first_line(e)}") from None
         self.drv = drv
         try:
             drv.init()
@@ -336,7 +337,9 @@ class PycudaBuffers(DeviceBuffers):
         self._call("DeviceAllocation.free", obj.free)
 
     def _free_host(self, obj):
-        self._call("HostAllocation.free", obj.base.free)
+        alloc = getattr(obj, "base", None)     # pagelocked_empty's array keeps its HostAllocation in .base
+        if hasattr(alloc, "free"):
+            self._call("HostAllocation.free", alloc.free)
 
     def _htod(self, buf, n):
         self._call("memcpy_htod_async", self.drv.memcpy_htod_async, buf._dev, buf.host[:n], self.stream)

@@ -207,5 +207,6 @@ def test_a_failed_copy_on_a_real_device_names_the_call():
     with b:
         buf = b.alloc(64)
         with mock.patch.object(b.rt, "cudaMemcpyAsync", return_value=(rt.cudaError_t.cudaErrorInvalidValue,)):
-            with pytest.raises(cb.CudaBuffersError, match=r"cudaMemcpyAsync\(host to device\) failed: cudaErrorInvalidValue"):
+            with pytest.raises(cb.CudaBuffersError,
+                               match=r"cudaMemcpyAsync\(host to device\) failed: cudaErrorInvalidValue"):
                 b.upload(buf, np.arange(64, dtype=np.uint8))

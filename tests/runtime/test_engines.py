@@ -105,7 +105,8 @@ def test_tensorrt_buffers_choice_is_checked_first(tmp_path):
     (tmp_path / "m.engine").write_bytes(b"not a plan")
     for call in (lambda: TensorRTEngine(tmp_path / "m.engine", buffers="cupy"),
                  lambda: load_engine(tmp_path / "m.engine", buffers="cupy")):
-        with pytest.raises(EngineError, match=r"m.engine: buffers='cupy'; expected one of auto, pycuda, cuda-python, torch"):
+        with pytest.raises(EngineError,
+                           match=r"m.engine: buffers='cupy'; expected one of auto, pycuda, cuda-python, torch"):
             call()
 
 
