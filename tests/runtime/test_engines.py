@@ -101,6 +101,34 @@ def test_tensorrt_without_tensorrt_or_gpu_is_a_clear_error(tmp_path):
         assert f"- {name}: {kind}" in msg
 
 
+@pytest.mark.parametrize("buffers", cuda_buffers.BACKENDS)
+def test_tensorrt_engine_matches_onnx_runtime_with_each_buffer_backend(buffers, request, tmp_path):
+    """Where tensorrt imports and a CUDA device is visible (never on the CPU-only CI machine):
+    an fp32 engine (TensorRT may use TF32, hence the looser tolerance) == ORT on CPU, batch 1,
+    an odd batch, and a batch above the engine's max (split)."""
+    if trt is None:
+        pytest.skip("tensorrt is not importable here")
+    try:
+        cuda_buffers.select_buffers(buffers).close()
+    except cuda_buffers.BuffersUnavailable as e:
+        pytest.skip(f"{buffers} device buffers unavailable: {e.reasons[0][1]} ({e.reasons[0][2]})")
+    from export.trt import export_trt
+
+    padim_checkpoint, onnx_artifact = (request.getfixturevalue(n) for n in ("padim_checkpoint", "onnx_artifact"))
+    res = export_trt(padim_checkpoint, tmp_path, precision="fp32", onnx_fp32=onnx_artifact, min_batch=1,
+                     opt_batch=2, max_batch=4, quiet=True)
+    ref = load_engine(onnx_artifact, backend="ort-cpu")
+    with load_engine(res.engine, buffers=buffers) as eng:
+        assert isinstance(eng, TensorRTEngine) and eng.describe()["buffers"] == buffers
+        assert eng.max_batch == 4
+        for batch in (1, 3, 6):
+            f = _frames(batch, 100 + batch)
+            got, want = eng.infer(f), ref.infer(f)
+            for k in ("anomaly_map", "score", "normalized_score"):
+                assert got[k].dtype == np.float32 and got[k].shape == want[k].shape
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-2, atol=1e-2 * float(np.abs(want[k]).max() + 1e-6))
+
+
 def test_tensorrt_buffers_choice_is_checked_first(tmp_path):
     (tmp_path / "m.engine").write_bytes(b"not a plan")
     for call in (lambda: TensorRTEngine(tmp_path / "m.engine", buffers="cupy"),
