@@ -300,6 +300,8 @@ def build_engine(onnx_path, engine_path, frame_hw, channels: int, min_batch=1, o
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if plugin and form == "aot":  # JIT and AOT forms are both registered: build the AOT one
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -360,23 +362,36 @@ def export_trt(ckpt, out=None, *, precision: str = "fp32", calib=None, workspace
     outdir.mkdir(parents=True, exist_ok=True)
     scan_mode = a["scan"] or "chunked"
     note = ""
+    plugin_aot = False
     if scan_mode == "plugin" and tensorrt is not None:
-        from .trt_plugin import trt_version
+        from .trt_plugin import plugin_forms, trt_version
 
         if trt_version() < (10, 6):
             note = (f"TensorRT {tensorrt.__version__} has no Python plugins (needs >= 10.6): "
                     "falling back to --scan chunked")
             print("note: " + note, file=sys.stderr)
             scan_mode = "chunked"
+        else:
+            forms = plugin_forms()
+            plugin_aot = forms["aot"]
+            if not plugin_aot:
+                note = f"TensorRT plugin: no ahead-of-time form ({forms['aot_reason']})"
+                print("note: " + note, file=sys.stderr)
     if scan_mode == "plugin" and a["target"] == "jetpack6":
         raise ExportError("scan=plugin cannot target jetpack6 (TensorRT 10.3 has no Python plugins); "
                           "use --scan chunked")
     model = load_model(ckpt)
     written: List[pathlib.Path] = []
     if onnx_fp32 is None:
-        res = export_onnx(model, outdir / "model.onnx", batch="dynamic", opset=a["opset"], frame_hw=a["frame_hw"],
-                          frame_channels=a["frame_channels"], full_res_map=full_res_map, scan=scan_mode,
-                          check=check, images=images, n=a["n"], quiet=quiet)
+        from kernels.onnx_plugin import set_plugin_aot
+
+        set_plugin_aot(plugin_aot)  # plugin nodes get aot=1 when the AOT form will be built
+        try:
+            res = export_onnx(model, outdir / "model.onnx", batch="dynamic", opset=a["opset"], frame_hw=a["frame_hw"],
+                              frame_channels=a["frame_channels"], full_res_map=full_res_map, scan=scan_mode,
+                              check=check, images=images, n=a["n"], quiet=quiet)
+        finally:
+            set_plugin_aot(False)
         fp32_path, meta = res.path, res.meta
         written += [res.path, res.sidecar]
         if not quiet:

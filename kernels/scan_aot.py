@@ -58,7 +58,7 @@ except ImportError:  # triton is optional on CPU-only installs
 INPUT_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 SCALAR_ARGS = ("dim", "length", "groups")
 OUTPUT_ARGS = ("y",)
-FP32_INPUTS = ("A", "D", "delta_bias")      # always fp32 (the ONNX node casts them)
+FP32_INPUTS = ("A", "D", "delta_bias")      # fp32 unless a per-argument dtype says otherwise
 IO_DTYPES = ("fp32", "fp16", "bf16")
 BLOCK_L = 16
 NUM_WARPS = 4
@@ -248,6 +248,7 @@ class ScanPTX:
     sm: int
     dtypes: tuple        # ((arg name, triton dtype), ...) of the pointer arguments
     removed_params: tuple = ()  # hidden Triton parameters dropped from the entry
+    constexprs: tuple = ()      # ((name, value), ...) compiled in: launch a Python copy with these
 
     def launch_params(self, batch, dim) -> dict:
         return scan_launch_params(batch, dim, block_d=self.block_d, num_warps=self.num_warps,
@@ -255,14 +256,17 @@ class ScanPTX:
 
 
 def _pointer_dtypes(dtype) -> tuple:
-    """Per-pointer Triton dtypes: `dtype` is one of IO_DTYPES for all of u, delta, B, C, z, y,
-    or a mapping {arg name: dtype} (missing names default to fp32)."""
-    spec = dict(dtype) if isinstance(dtype, (dict, tuple, list)) else {}
+    """Per-pointer Triton dtypes: `dtype` is one of IO_DTYPES for u, delta, B, C, z and y (A, D,
+    delta_bias fp32), or a mapping {arg name: dtype} (missing names fp32). The kernel converts
+    every load to fp32, so any of IO_DTYPES works for any argument."""
+    spec = dict(dtype) if not isinstance(dtype, str) else {}
+    unknown = set(spec) - set(INPUT_ARGS + OUTPUT_ARGS)
+    if unknown:
+        raise ValueError(f"selective scan: unknown argument(s) {sorted(unknown)} in dtype mapping")
     out = []
     for name in INPUT_ARGS + OUTPUT_ARGS:
-        d = "fp32" if name in FP32_INPUTS else spec.get(name, dtype if isinstance(dtype, str) else "fp32")
-        if name in FP32_INPUTS and spec.get(name, "fp32") != "fp32":
-            raise ValueError(f"selective scan: {name} must be fp32, got {spec[name]}")
+        default = dtype if isinstance(dtype, str) and name not in FP32_INPUTS else "fp32"
+        d = spec.get(name, default)
         if d not in IO_DTYPES:
             raise ValueError(f"selective scan: unsupported dtype {d!r} for {name} (expected one of {IO_DTYPES})")
         out.append((name, d))
@@ -320,6 +324,7 @@ def _compile_in_child(args: dict) -> ScanPTX:
     d = json.loads(r.stdout)
     d["dtypes"] = tuple(tuple(p) for p in d["dtypes"])
     d["removed_params"] = tuple(d["removed_params"])
+    d["constexprs"] = tuple(tuple(p) for p in d["constexprs"])
     return ScanPTX(**d)
 
 
@@ -357,7 +362,8 @@ def _compile(sm, dtypes, d_state, delta_softplus, has_z, has_d, has_bias, block_
                            f"(> {MAX_STATIC_SHARED}): use a smaller block_d / block_l")
     ptx, removed = _drop_hidden_params(compiled.asm["ptx"], len(INPUT_ARGS + SCALAR_ARGS + OUTPUT_ARGS))
     return ScanPTX(name=md.name, ptx=ptx, num_warps=md.num_warps, shared=md.shared, block_d=block_d,
-                   block_l=block_l, sm=int(sm), dtypes=dtypes, removed_params=removed)
+                   block_l=block_l, sm=int(sm), dtypes=dtypes, removed_params=removed,
+                   constexprs=tuple(consts.items()))
 
 
 def compile_scan_ptx(sm: int, dtype="fp32", d_state: int = 16, *, delta_softplus: bool = True,
@@ -365,8 +371,8 @@ def compile_scan_ptx(sm: int, dtype="fp32", d_state: int = 16, *, delta_softplus
                      block_l: int = BLOCK_L, num_warps: int = NUM_WARPS, ptx_version=None) -> ScanPTX:
     """Compile the kernel for compute capability `sm` (e.g. 87 for Orin, 90 for H100) to PTX.
 
-    `dtype`: "fp32" / "fp16" / "bf16" for u, delta, B, C, z and y, or a mapping per argument
-    name (A, D, delta_bias are fp32). `ptx_version` (e.g. 85 for CUDA 12.6 drivers): the PTX ISA
+    `dtype`: "fp32" / "fp16" / "bf16" for u, delta, B, C, z and y (A, D, delta_bias fp32), or a
+    mapping per argument name. `ptx_version` (e.g. 85 for CUDA 12.6 drivers): the PTX ISA
     to emit; default: the newest that Triton's bundled ptxas knows, which an older driver may
     refuse to load. Results are cached per argument set. Needs no GPU."""
     if isinstance(dtype, dict):

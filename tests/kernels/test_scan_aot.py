@@ -198,8 +198,13 @@ def test_hidden_param_in_use_is_refused():
         ".param .u64 .ptr .global .align 1 k_param_0"]
 
 
-def test_bad_dtype_refused():
+def test_pointer_dtypes():
+    d = dict(scan_aot._pointer_dtypes("fp16"))
+    assert d["u"] == d["delta"] == d["B"] == d["C"] == d["z"] == d["y"] == "fp16"
+    assert d["A"] == d["D"] == d["delta_bias"] == "fp32"
+    assert dict(scan_aot._pointer_dtypes({"u": "bf16", "A": "fp16"})) == dict(
+        {n: "fp32" for n in scan_aot.INPUT_ARGS + scan_aot.OUTPUT_ARGS}, u="bf16", A="fp16")
     with pytest.raises(ValueError, match="int8"):
         scan_aot.compile_scan_ptx(87, "int8")
-    with pytest.raises(ValueError, match="A must be fp32"):
-        scan_aot.compile_scan_ptx(87, {"u": "fp16", "A": "fp16"})
+    with pytest.raises(ValueError, match="unknown argument"):
+        scan_aot.compile_scan_ptx(87, {"x": "fp16"})
