@@ -31,7 +31,8 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
                out_dir=None, metrics_port: Optional[int] = None, metrics_host: str = "127.0.0.1",
                webhook: Optional[str] = None, console: Optional[Callable[[str], None]] = None,
                status_every_s: float = 1.0, stop_event: Optional[threading.Event] = None,
-               threads: int = 0, device: str = "cpu", on_start: Optional[Callable[[Pipeline], None]] = None, **config_kw) -> dict:
+               threads: int = 0, device: str = "cpu", on_start: Optional[Callable[[Pipeline], None]] = None,
+               buffers: str = "auto", **config_kw) -> dict:
     """Stream `source_uri` through `engine` until the source ends, `duration_s` passes or
     `stop_event` is set. Writes events.jsonl, overlays/, preview.png and summary.json under
     `out_dir` when given. Returns the summary (see `Pipeline.summary`).
@@ -49,7 +50,8 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
             tile = cfg.tile
             eng = load_engine(engine, backend=backend,
                               frame_hw=(tile, cfg.tile_w or tile) if tile else None,
-                              frame_channels=source.meta.channels, threads=threads, device=device)
+                              frame_channels=source.meta.channels, threads=threads, device=device,
+                              buffers=buffers)
         else:
             eng = engine
         sinks = []
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = backend default)")
     p.add_argument("--device", default="cpu", help="torch / aoti backends: cpu or cuda[:N] (frames are "
                                                    "resized and normalised on that device, inside the engine)")
+    p.add_argument("--buffers", default="auto", choices=("auto", "pycuda", "cuda-python", "torch"),
+                   help="tensorrt backend: device buffers (auto = pycuda, else cuda-python, else torch)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -171,7 +175,8 @@ def main(argv=None) -> int:
         summary = run_stream(remote or args.engine, args.source, backend=args.backend, config=cfg,
                              duration_s=args.duration, out_dir=args.out, metrics_port=args.metrics_port,
                              metrics_host=args.metrics_host, webhook=args.webhook, console=console,
-                             stop_event=stop, threads=args.threads, device=args.device)
+                             stop_event=stop, threads=args.threads, device=args.device,
+                             buffers=args.buffers)
     except (StreamError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

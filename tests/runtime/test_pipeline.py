@@ -12,7 +12,7 @@ import pytest
 from runtime.engines import EngineError, load_engine
 from runtime.pipeline import Pipeline, StreamConfig
 from runtime.sources import open_source
-from runtime.stream import main, run_stream
+from runtime.stream import StreamError, main, run_stream
 from tests.runtime.conftest import SIM, TILE
 
 
@@ -336,3 +336,13 @@ def test_cli_sigterm_ends_an_endless_stream_with_the_summary(padim_checkpoint, t
     summary = json.loads(out[out.index("\n{") + 1:])
     assert summary["accounting_ok"] and summary["lines_in"] > 0
     assert summary == json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_stream_passes_the_buffer_choice_to_the_tensorrt_runner(tmp_path):
+    """`--buffers` reaches TensorRTEngine: an unknown choice is refused, naming the plan file
+    (checked before TensorRT is needed, so this runs on a machine without it)."""
+    plan = tmp_path / "model.engine"
+    plan.write_bytes(b"not a plan")
+    with pytest.raises(StreamError) as e:
+        run_stream(plan, SIM + "&rate=0&total=64", backend="tensorrt", buffers="opencl")
+    assert "model.engine" in str(e.value) and "opencl" in str(e.value)
