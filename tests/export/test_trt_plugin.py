@@ -144,6 +144,15 @@ def test_plugin_graph_through_the_aot_kernel(plugin_graph):
     assert [dict(k.constexprs)["HAS_Z"] for k, _, _ in _aot_launches] == [True, False]
 
 
+def test_aot_graph_runs_in_onnxruntime(plugin_graph):
+    """The parity gate runs plugin graphs in ONNX Runtime: the aot=1 attribute must not break that."""
+    pytest.importorskip("onnxruntime_extensions", reason="plugin graphs run in ORT through onnxruntime-extensions")
+    proto, args, refs = plugin_graph
+    outs = onnx_plugin.ort_session(proto).run(None, {i.name: a.numpy() for i, a in zip(proto.graph.input, args)})
+    for o, r in zip(outs, refs):
+        assert np.abs(o - r).max() / np.abs(r).max() <= 1e-5
+
+
 # ---- real TensorRT (skips where it does not import) ---------------------------------------------
 def test_tensorrt_plugin_engine(plugin_graph):
     trt = pytest.importorskip("tensorrt", reason="tensorrt is not installed: plugin engines are built and "
