@@ -29,10 +29,13 @@ Pieces:
   arguments; only +, * and // are used, so they work on ints and on TensorRT's symbolic
   `SymInt32` shape expressions alike.
 
+- `python -m kernels.scan_aot --sm 87 [--dtype fp16] [--out scan.ptx]`: the same from a shell.
+
 Verified here (CPU only): the kernel under the Triton interpreter against a float64
 sequential scan; PTX generation for sm_87 / sm_90 and its entry signature; the rewritten PTX
-assembles with Triton's bundled ptxas. NOT verified: a run on a GPU, a TensorRT engine with
-this PTX embedded, its speed.
+assembles with Triton's bundled ptxas (default blocks: ~166 registers, no spills). NOT
+verified: a run on a GPU (the compiled PTX has never executed), a TensorRT engine with this
+PTX embedded, its speed.
 """
 from __future__ import annotations
 
@@ -381,9 +384,10 @@ def compile_scan_ptx(sm: int, dtype="fp32", d_state: int = 16, *, delta_softplus
                     bool(has_d), bool(has_bias), block_d, block_l, int(num_warps), ptx_version)
 
 
-def assemble_ptx(ptx: str, sm: int) -> bytes:
+def assemble_ptx(ptx: str, sm: int):
     """Assemble PTX to a cubin with Triton's bundled ptxas (a CPU-side check that the PTX handed
-    to TensorRT is valid). Raises RuntimeError with ptxas' message on failure."""
+    to TensorRT is valid); returns (cubin bytes, {"registers", "spill_stores", "spill_loads"}
+    from `ptxas -v`). Raises RuntimeError with ptxas' message on failure."""
     _require_triton()
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -391,11 +395,16 @@ def assemble_ptx(ptx: str, sm: int) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
-        r = subprocess.run([get_ptxas(sm).path, f"-arch={arch}", str(src), "-o", str(out)],
+        r = subprocess.run([get_ptxas(sm).path, "-v", f"-arch={arch}", str(src), "-o", str(out)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"ptxas failed for {arch}: {r.stderr.strip()}")
-        return out.read_bytes()
+        info = {}
+        for key, pattern in (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
+                             ("spill_loads", r"(\d+) bytes spill loads")):
+            m = re.search(pattern, r.stderr)
+            info[key] = int(m.group(1)) if m else None
+        return out.read_bytes(), info
 
 
 def main(argv=None) -> int:
@@ -418,10 +427,12 @@ def main(argv=None) -> int:
         return 0
     k = compile_scan_ptx(a.sm, a.dtype, a.d_state, delta_softplus=not a.no_softplus, has_z=not a.no_z,
                          ptx_version=a.ptx_version)
+    _, info = assemble_ptx(k.ptx, k.sm)
     if a.out:
         Path(a.out).write_text(k.ptx)
     print(f"{k.name}: sm_{k.sm}, {k.num_warps} warps, {k.shared} B shared, block_d {k.block_d}, "
-          f"block_l {k.block_l}" + (f"; wrote {a.out}" if a.out else ""))
+          f"block_l {k.block_l}; ptxas: {info['registers']} registers, {info['spill_stores']} B spill stores"
+          + (f"; wrote {a.out}" if a.out else ""))
     return 0
 
 

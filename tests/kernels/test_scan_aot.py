@@ -182,9 +182,11 @@ def test_ptx_version_option(ptx_builds):
 
 
 @pytest.mark.parametrize("sm", [87, 90])
-def test_rewritten_ptx_assembles(ptx_builds, sm):
-    cubin = scan_aot.assemble_ptx(ptx_builds[sm].ptx, sm)
+def test_rewritten_ptx_assembles_without_spills(ptx_builds, sm):
+    cubin, info = scan_aot.assemble_ptx(ptx_builds[sm].ptx, sm)
     assert cubin[:4] == b"\x7fELF"
+    # the (BLOCK_D, N, BLOCK_L) tiles of the default blocks fit in registers
+    assert info["spill_stores"] == 0 and info["spill_loads"] == 0 and 0 < info["registers"] <= 255
 
 
 def test_hidden_param_in_use_is_refused():
@@ -208,3 +210,10 @@ def test_pointer_dtypes():
         scan_aot.compile_scan_ptx(87, "int8")
     with pytest.raises(ValueError, match="unknown argument"):
         scan_aot.compile_scan_ptx(87, {"x": "fp16"})
+
+
+def test_cli_writes_ptx(ptx_builds, tmp_path, capsys):
+    out = tmp_path / "scan.ptx"
+    assert scan_aot.main(["--sm", "90", "--dtype", "fp16", "--no-softplus", "--no-z", "--out", str(out)]) == 0
+    assert out.read_text() == ptx_builds[90].ptx  # same arguments as the fixture's sm_90 build
+    assert "sm_90" in capsys.readouterr().out
