@@ -41,7 +41,9 @@ except ImportError:  # optional: only for running plugin graphs in ONNX Runtime
 
 
 def set_plugin_aot(aot: bool) -> None:
-    """Add `aot=1` to emitted nodes (TensorRT >= 10.9 ahead-of-time plugin form)."""
+    """Add `aot=1` to emitted nodes (TensorRT >= 10.9 ahead-of-time plugin form, whose kernel is
+    kernels/scan_aot.py). export.trt turns it on around the ONNX export when the AOT form will
+    be built (export.trt_plugin.plugin_forms()) and off afterwards."""
     _opts["aot"] = bool(aot)
 
 
