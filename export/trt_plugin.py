@@ -116,47 +116,6 @@ def build_target_sm() -> int:
                            f"for the AOT kernel ({type(e).__name__}: {e})") from e
 
 
-def ptx_isa_for_cuda(major: int, minor: int) -> int:
-    """Highest PTX ISA (e.g. 85 = 8.5) that a CUDA `major.minor` driver or ptxas handles."""
-    if major >= 13:
-        return 90 + (major - 13) * 10 + minor
-    if major == 12:
-        return 80 + minor - (1 if minor >= 6 else 0)  # 12.6 -> 8.5, 12.9 -> 8.8
-    if major == 11:
-        return 70 + minor
-    raise ValueError(f"CUDA {major}.{minor} is too old for the AOT kernel (needs >= 11)")
-
-
-def choose_ptx_isa(driver: Optional[int], toolchain: Optional[int]) -> Optional[int]:
-    """The PTX ISA to emit: what both the driver (loads the PTX) and Triton's ptxas know; None
-    (Triton's default) when neither is known."""
-    known = [v for v in (driver, toolchain) if v is not None]
-    return min(known) if known else None
-
-
-def _driver_ptx_isa() -> Optional[int]:
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    v = ctypes.c_int()
-    if lib.cuDriverGetVersion(ctypes.byref(v)) != 0:
-        return None
-    return ptx_isa_for_cuda(v.value // 1000, (v.value % 1000) // 10)
-
-
-def _toolchain_ptx_isa(sm: int) -> Optional[int]:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        major, minor = str(get_ptxas(sm).version).split(".")[:2]
-        return ptx_isa_for_cuda(int(major), int(minor))
-    except Exception:  # noqa: BLE001 - unknown toolchain: let Triton choose
-        return None
-
-
 def aot_kernel(io_dtypes: dict, d_state: int, delta_softplus: int, has_z: int, sm: int, ptx_version=None):
     """The compiled kernel (kernels.scan_aot.ScanPTX) for one plugin instance. The ONNX node
     always passes D and delta_bias (zeros when absent), so both are read."""
@@ -188,7 +147,7 @@ def register_selective_scan_plugin(prefer_aot: bool = True) -> str:
     import tensorrt.plugin as trtp
     import torch
 
-    from kernels.scan_aot import INPUT_ARGS
+    from kernels.scan_aot import INPUT_ARGS, choose_ptx_isa, driver_ptx_isa, toolchain_ptx_isa
 
     @trtp.register(PLUGIN_ID)
     def _desc(u: trtp.TensorDesc, delta: trtp.TensorDesc, A: trtp.TensorDesc, B: trtp.TensorDesc,
@@ -227,7 +186,7 @@ def register_selective_scan_plugin(prefer_aot: bool = True) -> str:
                                  "constant for the AOT kernel")
             sm = build_target_sm()
             # PTX the build machine's driver can load (an engine is tied to its GPU and driver anyway)
-            isa = choose_ptx_isa(_driver_ptx_isa(), _toolchain_ptx_isa(sm))
+            isa = choose_ptx_isa(driver_ptx_isa(), toolchain_ptx_isa(sm))
             kernel = aot_kernel(dtypes, n_expr.constant_value(), delta_softplus, has_z, sm, isa)
             launch, extra = aot_launch(kernel, u.shape_expr, B.shape_expr)
             return (kernel.name, kernel.ptx, trtp.KernelLaunchParams(**launch),

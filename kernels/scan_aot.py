@@ -48,6 +48,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -240,6 +241,49 @@ def selective_scan_aot(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compilation to PTX (no GPU needed)
 # ---------------------------------------------------------------------------------------------
+def ptx_isa_for_cuda(major: int, minor: int) -> int:
+    """Highest PTX ISA (e.g. 85 = 8.5) that a CUDA `major.minor` driver or ptxas handles."""
+    if major >= 13:
+        return 90 + (major - 13) * 10 + minor
+    if major == 12:
+        return 80 + minor - (1 if minor >= 6 else 0)  # 12.6 -> 8.5, 12.9 -> 8.8
+    if major == 11:
+        return 70 + minor
+    raise ValueError(f"CUDA {major}.{minor} is too old for the AOT kernel (needs >= 11)")
+
+
+def choose_ptx_isa(driver: Optional[int], toolchain: Optional[int]) -> Optional[int]:
+    """The PTX ISA to emit: what both the driver (loads the PTX) and Triton's ptxas know; None
+    (Triton's default) when neither is known."""
+    known = [v for v in (driver, toolchain) if v is not None]
+    return min(known) if known else None
+
+
+def driver_ptx_isa() -> Optional[int]:
+    """Highest PTX ISA the installed CUDA driver loads; None without a driver (no libcuda)."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    v = ctypes.c_int()
+    if lib.cuDriverGetVersion(ctypes.byref(v)) != 0:
+        return None
+    return ptx_isa_for_cuda(v.value // 1000, (v.value % 1000) // 10)
+
+
+def toolchain_ptx_isa(sm: int) -> Optional[int]:
+    """Highest PTX ISA Triton's bundled ptxas knows (its default); None when unknown."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        major, minor = str(get_ptxas(sm).version).split(".")[:2]
+        return ptx_isa_for_cuda(int(major), int(minor))
+    except Exception:  # noqa: BLE001 - unknown toolchain: let Triton choose
+        return None
+
+
 @dataclass(frozen=True)
 class ScanPTX:
     name: str            # the .entry name TensorRT launches

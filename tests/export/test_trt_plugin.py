@@ -47,21 +47,6 @@ def test_triton_dtype():
         trt_plugin.triton_dtype("DataType.INT8", "z")
 
 
-@pytest.mark.parametrize("cuda", [(11, 8), (12, 0), (12, 4), (12, 5), (12, 6), (12, 9), (13, 0), (13, 1)])
-def test_ptx_isa_for_cuda_matches_triton(cuda):
-    """Against Triton's own table (triton.backends.nvidia.compiler.ptx_get_version)."""
-    nv = pytest.importorskip("triton.backends.nvidia.compiler")
-    assert trt_plugin.ptx_isa_for_cuda(*cuda) == nv.ptx_get_version(f"{cuda[0]}.{cuda[1]}")
-
-
-def test_choose_ptx_isa():
-    assert trt_plugin.choose_ptx_isa(85, 88) == 85      # JetPack-6-era driver, newer ptxas
-    assert trt_plugin.choose_ptx_isa(90, 88) == 88      # newer driver than Triton's ptxas
-    assert trt_plugin.choose_ptx_isa(None, 88) == 88 and trt_plugin.choose_ptx_isa(None, None) is None
-    with pytest.raises(ValueError, match="too old"):
-        trt_plugin.ptx_isa_for_cuda(10, 2)
-
-
 def test_annotations_stay_classes():
     """tensorrt.plugin validates the decorated functions with inspect.signature (no eval_str):
     postponed (string) annotations would make every registration fail."""

@@ -152,6 +152,23 @@ def test_launch_params_ints_and_symbolic(batch, dim, block_d, warps):
     assert len(args) == len(scan_aot.SCALAR_ARGS) and [a.v for a in args] == [dim, 37, 2]
 
 
+# ---- PTX ISA ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cuda", [(11, 8), (12, 0), (12, 4), (12, 5), (12, 6), (12, 9), (13, 0), (13, 1)])
+def test_ptx_isa_for_cuda_matches_triton(cuda):
+    """Against Triton's own table (triton.backends.nvidia.compiler.ptx_get_version)."""
+    nv = pytest.importorskip("triton.backends.nvidia.compiler")
+    assert scan_aot.ptx_isa_for_cuda(*cuda) == nv.ptx_get_version(f"{cuda[0]}.{cuda[1]}")
+
+
+def test_choose_ptx_isa():
+    assert scan_aot.choose_ptx_isa(85, 88) == 85      # JetPack-6-era driver, newer ptxas
+    assert scan_aot.choose_ptx_isa(90, 88) == 88      # newer driver than Triton's ptxas
+    assert scan_aot.choose_ptx_isa(None, 88) == 88 and scan_aot.choose_ptx_isa(None, None) is None
+    with pytest.raises(ValueError, match="too old"):
+        scan_aot.ptx_isa_for_cuda(10, 2)
+
+
+
 # ---- PTX --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ptx_builds():
@@ -217,3 +234,38 @@ def test_cli_writes_ptx(ptx_builds, tmp_path, capsys):
     assert scan_aot.main(["--sm", "90", "--dtype", "fp16", "--no-softplus", "--no-z", "--out", str(out)]) == 0
     assert out.read_text() == ptx_builds[90].ptx  # same arguments as the fixture's sm_90 build
     assert "sm_90" in capsys.readouterr().out
+
+
+def test_compiled_ptx_launched_with_tensorrt_argument_order():
+    """On a GPU: the PTX itself (not Triton's launcher) loaded by the CUDA driver and launched the
+    way TensorRT's AOT plugin does - (inputs..., dim, length, groups, y), grid / block / shared
+    memory from the launch parameters - equals the float64 reference. Skips without CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (the PTX is loaded by the CUDA driver)")
+    import ctypes
+
+    drv = pytest.importorskip("cuda.bindings.driver", reason="needs cuda-python (cuda-bindings)")
+    major, minor = torch.cuda.get_device_capability()
+    sm = 10 * major + minor
+    kw = make_scan_inputs(2, 6, 37, 16, 2, seed=19, device="cuda")
+    k = scan_aot.compile_scan_ptx(sm, "fp32", 16, delta_softplus=True, has_z=True,
+                                  ptx_version=scan_aot.choose_ptx_isa(scan_aot.driver_ptx_isa(),
+                                                                      scan_aot.toolchain_ptx_isa(sm)))
+    torch.zeros(1, device="cuda")  # make torch's primary context current
+    err, mod = drv.cuModuleLoadData(k.ptx.encode() + b"\0")
+    assert err == drv.CUresult.CUDA_SUCCESS, err
+    err, fn = drv.cuModuleGetFunction(mod, k.name.encode())
+    assert err == drv.CUresult.CUDA_SUCCESS, err
+    ins = [kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["delta_bias"]]
+    ins = [t.contiguous() for t in ins]
+    y = torch.empty_like(kw["u"])
+    batch, dim, length = y.shape
+    p = k.launch_params(batch, dim)
+    args = [t.data_ptr() for t in ins] + list(scan_aot.scan_extra_args(dim, length, kw["B"].shape[1])) + [y.data_ptr()]
+    types = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    stream = torch.cuda.current_stream().cuda_stream
+    err, = drv.cuLaunchKernel(fn, p["grid_x"], p["grid_y"], p["grid_z"], p["block_x"], p["block_y"],
+                              p["block_z"], p["shared_mem"], stream, (tuple(args), tuple(types)), 0)
+    assert err == drv.CUresult.CUDA_SUCCESS, err
+    torch.cuda.synchronize()
+    assert _rel_err(y, _ref(kw)) <= 1e-5
