@@ -263,7 +263,7 @@ def test_compiled_ptx_launched_with_tensorrt_argument_order():
     p = k.launch_params(batch, dim)
     args = [t.data_ptr() for t in ins] + list(scan_aot.scan_extra_args(dim, length, kw["B"].shape[1])) + [y.data_ptr()]
     types = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = drv.CUstream(torch.cuda.current_stream().cuda_stream)
     err, = drv.cuLaunchKernel(fn, p["grid_x"], p["grid_y"], p["grid_z"], p["block_x"], p["block_y"],
                               p["block_z"], p["shared_mem"], stream, (tuple(args), tuple(types)), 0)
     assert err == drv.CUresult.CUDA_SUCCESS, err
