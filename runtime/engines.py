@@ -231,6 +231,22 @@ class OrtEngine(Engine):
 # ------------------------------------------------------------------------------------------
 # TensorRT (plan file + sidecar metadata)
 # ------------------------------------------------------------------------------------------
+def _register_plugin_for(meta: dict, path) -> Optional[str]:
+    """An engine built with the JIT form of the `edgead::SelectiveScan` plugin (sidecar
+    `export.plugin_form == "jit"`) calls back into Python at run time: the plugin must be
+    registered in this process before the plan is deserialised. AOT-form engines embed the
+    kernel (TensorRT >= 10.9) and need nothing here. Returns the form registered, if any."""
+    form = (meta.get("export") or {}).get("plugin_form")
+    if form != "jit":
+        return None
+    try:
+        from export.trt_plugin import register_selective_scan_plugin
+        return register_selective_scan_plugin()
+    except Exception as e:  # noqa: BLE001 - one clear message for any registration failure
+        raise EngineError(f"{path}: built with the JIT SelectiveScan plugin, which must be registered "
+                          f"at run time, and registering it failed: {e}") from None
+
+
 class TensorRTEngine(Engine):
     """A TensorRT plan run with `execute_async_v3`. Device buffers come from
     `runtime.cuda_buffers` (DESIGN.md section 7): `buffers="auto"` takes pycuda when installed,
@@ -266,6 +282,7 @@ class TensorRTEngine(Engine):
     def _open(self, path, meta):
         meta = meta if meta is not None else read_engine_metadata(path)
         hw, ch, batch = _export_info(meta, path)
+        _register_plugin_for(meta, path)
         logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(logger)
         self.engine = self.runtime.deserialize_cuda_engine(pathlib.Path(path).read_bytes())

@@ -152,3 +152,22 @@ def test_batches_above_the_engine_max_batch_are_split(onnx_artifact, torch_engin
     f = _frames(5, 11)
     _close(eng.infer(f), torch_engine.infer(f))
     assert calls == [2, 2, 1]
+
+
+def test_jit_plugin_engines_register_the_plugin_before_loading():
+    """A plan built with the JIT SelectiveScan plugin needs the plugin registered at run time;
+    AOT-form and plugin-free plans need nothing. Without tensorrt the registration fails with one
+    error naming the plan; with it, the form registered is the JIT one."""
+    from runtime.engines import _register_plugin_for
+
+    assert _register_plugin_for({"export": {"plugin_form": None}}, "m.engine") is None
+    assert _register_plugin_for({"export": {"plugin_form": "aot"}}, "m.engine") is None
+    assert _register_plugin_for({}, "m.engine") is None
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineError) as e:
+            _register_plugin_for({"export": {"plugin_form": "jit"}}, "m.engine")
+        assert "m.engine" in str(e.value) and "JIT SelectiveScan plugin" in str(e.value)
+    else:
+        assert _register_plugin_for({"export": {"plugin_form": "jit"}}, "m.engine") in ("jit", "aot")
