@@ -14,6 +14,12 @@ from typing import Any, Dict, Tuple
 
 SCAN_MODES = ("chunked", "plugin")
 PRECISIONS = ("fp32", "fp16", "int8")
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+INT8_OPS = ("Conv", "Gemm", "MatMul")                 # op types INT8 Q/DQ may quantise
+INT8_WEIGHTS = ("per-channel", "per-tensor")         # weight scale granularity
+INT8_FP32_CONSUMERS = ("fp32", "qdq")                # what ops kept in fp32 read: the original or the DQ copy
+INT8_ARGS = ("calib_method", "calib_percentile", "n_calib", "int8_weights", "int8_ops", "int8_keep",
+             "int8_fp32_consumers")
 TRITON_FORMATS = ("onnx", "plan")
 DEFAULT_OPSET = 18
 OPSET_RANGE = (18, 23)      # dynamo exporter emits >= 18; TensorRT 10.3's parser reads up to 20
@@ -43,7 +49,7 @@ FORMATS: Tuple[ExportFormat, ...] = (
                  "ONNX graph, uint8 frames in; ONNX Runtime (CPU/CUDA/TensorRT EP), TensorRT parser"),
     ExportFormat("tensorrt", "export.trt", ".engine", "model.engine", False, True,
                  _COMMON + ("opset", "scan", "precision", "calib", "workspace", "min_batch", "opt_batch",
-                            "max_batch", "dry_run", "timing_cache", "target"),
+                            "max_batch", "dry_run", "timing_cache", "target") + INT8_ARGS,
                  "strongly typed TensorRT plan (precision set in the ONNX graph: fp32/fp16/int8 Q/DQ)"),
     ExportFormat("aoti", "export.aoti", ".pt2", "model.pt2", True, True,
                  _COMMON + ("max_batch", "device"),
@@ -115,6 +121,19 @@ def _pos_int(name, value, lo=1, hi=MAX_BATCH_LIMIT):
     return v
 
 
+def _name_list(name, value, allowed=None, pattern=r"[A-Za-z0-9_.]+"):
+    """'a,b' / ['a', 'b'] -> ('a', 'b'); each item matches `pattern` (and is in `allowed`)."""
+    items = [x.strip() for x in value.split(",")] if isinstance(value, str) else [str(x).strip() for x in value]
+    items = [x for x in items if x]
+    if allowed is not None and (not items or any(x not in allowed for x in items)):
+        raise ExportArgError(f"{name}: expected a comma-separated subset of {','.join(allowed)}, got {value!r}")
+    bad = [x for x in items if not re.fullmatch(pattern, x)]
+    if bad:
+        raise ExportArgError(f"{name}: expected module paths like encoder,fuse.gate,heads (or first/last), "
+                             f"got {bad}")
+    return tuple(dict.fromkeys(items))
+
+
 def validate_args(format_name: str, **kwargs) -> Dict[str, Any]:
     """Check every argument against the format's table row; return normalised values.
 
@@ -141,6 +160,26 @@ def validate_args(format_name: str, **kwargs) -> Dict[str, Any]:
             out[k] = _choice(k, v, SCAN_MODES)
         elif k == "precision":
             out[k] = _choice(k, v, PRECISIONS)
+        elif k == "calib_method":
+            out[k] = _choice(k, v, CALIB_METHODS)
+        elif k == "calib_percentile":
+            try:
+                pv = float(v)
+            except (TypeError, ValueError):
+                raise ExportArgError(f"calib_percentile: expected a percentile like 99.99, got {v!r}") from None
+            if not 50 <= pv <= 100:
+                raise ExportArgError(f"calib_percentile: expected 50 <= p <= 100, got {pv}")
+            out[k] = pv
+        elif k == "n_calib":
+            out[k] = _pos_int(k, v, 1, 10000)
+        elif k == "int8_weights":
+            out[k] = _choice(k, v, INT8_WEIGHTS)
+        elif k == "int8_ops":
+            out[k] = _name_list(k, v, INT8_OPS)
+        elif k == "int8_keep":
+            out[k] = _name_list(k, v)
+        elif k == "int8_fp32_consumers":
+            out[k] = _choice(k, v, INT8_FP32_CONSUMERS)
         elif k == "format":
             out[k] = _choice(k, v, TRITON_FORMATS)
         elif k in ("min_batch", "opt_batch", "max_batch"):
@@ -166,6 +205,12 @@ def validate_args(format_name: str, **kwargs) -> Dict[str, Any]:
         elif k == "model_name":
             if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(v)):
                 raise ExportArgError(f"model_name: expected letters, digits, '_', '.', '-', got {v!r}")
+    given = [k for k in INT8_ARGS if out.get(k) is not None]
+    if given and "precision" in fmt.args and out.get("precision") != "int8":
+        raise ExportArgError(f"{given[0]}: an INT8 option; it needs precision int8 (--precision int8), "
+                             f"got precision {out.get('precision') or 'fp32'}")
+    if out.get("calib_percentile") is not None and out.get("calib_method") != "percentile":
+        raise ExportArgError("calib_percentile: only used with calib_method percentile (--calib-method percentile)")
     mn, op, mx = (out.get(k) for k in ("min_batch", "opt_batch", "max_batch"))
     if mn is not None and op is not None and mx is not None and not mn <= op <= mx:
         raise ExportArgError(f"min_batch/opt_batch/max_batch: need min <= opt <= max, got {mn}/{op}/{mx}")
@@ -186,6 +231,14 @@ _HELP = {
     "scan": "selective-scan lowering: chunked standard ops (default) or one plugin node per scan",
     "precision": "fp32 (default), fp16 (mixed, scan + reductions fp32) or int8 (explicit Q/DQ)",
     "calib": "folder of normal images for INT8 calibration",
+    "calib_method": "INT8 activation ranges: minmax (default), percentile or entropy",
+    "calib_percentile": "percentile of |activation| for --calib-method percentile (default 99.999)",
+    "n_calib": "number of calibration images taken from --calib (default 64)",
+    "int8_weights": "INT8 weight scales: per-channel (default) or per-tensor",
+    "int8_ops": "op types INT8 quantises, comma-separated subset of Conv,Gemm,MatMul (default all)",
+    "int8_keep": "module paths kept fp32 besides the scan and pre/post tail, e.g. encoder,fuse.gate,heads "
+                 "or first,last (default none)",
+    "int8_fp32_consumers": "ops kept fp32 read the original tensor (fp32, default) or the int8-rounded copy (qdq)",
     "workspace": "TensorRT workspace memory pool in GB (default 4)",
     "min_batch": "optimisation profile minimum batch (default 1)",
     "opt_batch": "optimisation profile optimal batch (default 8)",
@@ -217,10 +270,12 @@ def add_cli_args(parser: argparse.ArgumentParser, format_name: str) -> argparse.
             parser.add_argument(flag, action="store_true", help=_HELP[a])
         elif a == "check":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=_HELP[a])
-        elif a in ("scan", "precision", "format", "target", "device", "kind"):
+        elif a in ("scan", "precision", "format", "target", "device", "kind", "calib_method", "int8_weights",
+                   "int8_fp32_consumers"):
             choices = {"scan": SCAN_MODES, "precision": PRECISIONS, "format": TRITON_FORMATS,
                        "target": ("x86", "jetpack6"), "device": ("cpu", "cuda"),
-                       "kind": ("cpu", "gpu")}[a]
+                       "kind": ("cpu", "gpu"), "calib_method": CALIB_METHODS, "int8_weights": INT8_WEIGHTS,
+                       "int8_fp32_consumers": INT8_FP32_CONSUMERS}[a]
             parser.add_argument(flag, choices=choices, default=None, help=_HELP[a])
         else:
             parser.add_argument(flag, default=None, help=_HELP[a])

@@ -28,6 +28,8 @@ Steps:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -42,7 +44,7 @@ import numpy as np
 
 from ._common import ExportError, Steps, first_line, load_model
 from .artifacts import embed_onnx_metadata, sha256_file, write_sidecar
-from .formats import validate_args
+from .formats import CALIB_METHODS, INT8_OPS, ExportArgError, validate_args
 
 try:
     import tensorrt
@@ -55,7 +57,7 @@ FP32_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "Re
             "LogSoftmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
             "BatchNormalization", "Resize", "TopK", "Pow", "Sqrt", "Reciprocal", "Erf", "Einsum",
             "SelectiveScan")
-QUANT_OPS = ("Conv", "Gemm", "MatMul")
+QUANT_OPS = INT8_OPS
 EXIT_NO_TENSORRT = 3
 
 
@@ -245,27 +247,214 @@ class _FramesReader:
         self.i = 0
 
 
-def quantize_int8(src, dst, calib_frames: np.ndarray, method: str = "minmax") -> dict:
-    """Explicit symmetric INT8 Q/DQ (TensorRT's form: zero points 0) calibrated on `calib_frames`."""
+# INT8 knobs (all recorded in the artifact's precision_info). Defaults chosen on the magnetic tile
+# DVAD (benchmarks/precision.py; see benchmarks/RESULTS.md section 3).
+INT8_DEFAULTS = {"calib_method": "minmax", "calib_percentile": 99.999, "int8_weights": "per-channel",
+                 "int8_ops": QUANT_OPS, "int8_keep": (), "int8_fp32_consumers": "fp32", "n_calib": 64}
+KEEP_SPECIAL = ("first", "last")
+
+
+def _scopes(node) -> List[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            return re.findall(r"'([^']*)'", p.value)
+    return []
+
+
+def module_node_names(model, patterns, op_types=None) -> List[str]:
+    """Nodes whose module path (exporter's name scopes, e.g. `model.stages.0.0.fuse.gate`) contains
+    one of `patterns` as whole dotted components ("encoder", "fuse.gate", "heads.2"); the special
+    patterns "first" / "last" name the first / last node of `op_types` outside the scan sub-graph
+    and the pre/post tail (the graph is topologically sorted)."""
+    pats = [p for p in patterns if p not in KEEP_SPECIAL]
+    rx = [re.compile(r"(^|\.)" + re.escape(p) + r"(\.|$)") for p in pats]
+    names = []
+    for n in model.graph.node:
+        if rx and any(r.search(s) for s in _scopes(n) for r in rx):
+            names.append(n.name)
+    if any(p in KEEP_SPECIAL for p in patterns):
+        fixed = set(scan_node_names(model)) | set(tail_node_names(model))
+        cand = [n.name for n in model.graph.node if n.op_type in (op_types or QUANT_OPS) and n.name not in fixed]
+        if cand and "first" in patterns:
+            names.append(cand[0])
+        if cand and "last" in patterns:
+            names.append(cand[-1])
+    return names
+
+
+def route_fp32_consumers(model, quantized) -> int:
+    """After QDQ insertion every reader of a quantised activation reads its dequantised copy; give
+    the readers that are not quantised ops (`quantized`: node names) the original fp32 tensor back,
+    so only the int8 ops see int8 rounding (e.g. the encoder features the anomaly map compares
+    stay exact). Returns the number of rerouted inputs."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    src = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear":
+            q = prod.get(n.input[0])
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
+                src[n.output[0]] = q.input[0]
+    qdq = {"QuantizeLinear", "DequantizeLinear"}
+    moved = 0
+    for n in model.graph.node:
+        if n.name in quantized or n.op_type in qdq:
+            continue
+        for i, x in enumerate(n.input):
+            if x in src:
+                n.input[i] = src[x]
+                moved += 1
+    return moved
+
+
+def _drop_dead_nodes(model) -> int:
+    """Remove nodes (e.g. Q/DQ pairs nobody reads any more) and initializers no output depends on."""
+    needed = {o.name for o in model.graph.output}
+    keep = []
+    for n in reversed(model.graph.node):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(n.input)
+    dropped = len(model.graph.node) - len(keep)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(keep))
+    inits = [i for i in model.graph.initializer if i.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    return dropped
+
+
+ENTROPY_BINS = (2048, 128)      # histogram bins, quantised bins (TensorRT's entropy calibrator recipe)
+
+
+def kl_threshold(hist: np.ndarray, edges: np.ndarray, num_quantized_bins: int = 128):
+    """Entropy (KL) threshold of a two-sided histogram, the same computation as onnxruntime's
+    HistogramCollector.get_entropy_threshold (TensorRT's recipe) with numpy sums instead of
+    Python loops: for each symmetric window around the zero bin, the KL divergence between the
+    clipped distribution p (outliers folded into its end bins) and p merged into
+    `num_quantized_bins` bins q; returns the window (lo, hi) of least divergence."""
+    from onnxruntime.quantization.calibrate import entropy
+    from onnxruntime.quantization.quant_utils import smooth_distribution
+
+    n = hist.size
+    zero, half = n // 2, num_quantized_bins // 2
+    best, best_div = None, np.inf
+    csum = np.concatenate([[0], np.cumsum(hist)])
+    for i in range(half, zero + 1):
+        start, end = zero - i, min(zero + i + 1, n)
+        sliced = hist[start:end]
+        p = sliced.copy()
+        p[0] += csum[start]
+        p[-1] += csum[n] - csum[end]
+        merged = sliced.size // num_quantized_bins
+        body = num_quantized_bins * merged
+        qbins = sliced[:body].reshape(num_quantized_bins, merged).sum(1).astype(np.int64)
+        qbins[-1] += int(sliced[body:].sum())
+        norm = (p[:body] != 0).reshape(num_quantized_bins, merged).sum(1)
+        q = np.zeros(p.size, dtype=np.int64)
+        q[:body] = np.repeat(np.where(norm != 0, qbins / np.maximum(norm, 1), 0), merged).astype(np.int64)
+        ps, qs = smooth_distribution(p), smooth_distribution(q)
+        div = np.inf if ps is None or qs is None else float(np.array(entropy(ps, qs), dtype=edges.dtype))
+        if div < best_div or best is None:
+            best, best_div = (edges[start], edges[end]), div
+    return best
+
+
+def entropy_ranges(src, calib_frames: np.ndarray, op_types, bins=ENTROPY_BINS) -> dict:
+    """KL-divergence (entropy) activation ranges {tensor: (lo, hi)}. onnxruntime's quantize_static
+    cannot pass histogram sizes to its entropy calibrator, whose defaults (128 bins into 128) leave
+    one candidate threshold - the min-max range; its threshold search at 2048 bins takes minutes.
+    So the histograms come from its calibrator (2048 bins) and the search is `kl_threshold`."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    with tempfile.TemporaryDirectory(prefix="edge_ad_calib_") as d:
+        cal = create_calibrator(pathlib.Path(src), list(op_types), augmented_model_path=str(pathlib.Path(d) / "aug.onnx"),
+                                calibrate_method=CalibrationMethod.Entropy,
+                                extra_options={"symmetric": True, "num_bins": bins[0], "num_quantized_bins": bins[1]})
+        cal.collect_data(_FramesReader(calib_frames))
+        hists = cal.collector.histogram_dict
+        del cal
+    out = {}
+    for name, h in hists.items():
+        lo, hi = kl_threshold(np.asarray(h[0]), np.asarray(h[1]), bins[1])
+        out[name] = (float(max(lo, h[2])), float(min(hi, h[3])))     # clamp to the observed range
+    return out
+
+
+def quantize_int8(src, dst, calib_frames: np.ndarray, method: str = "minmax", *, percentile: float = 99.999,
+                  per_channel: bool = True, quant_ops=QUANT_OPS, keep_fp32=(), fp32_consumers: str = "fp32") -> dict:
+    """Explicit symmetric INT8 Q/DQ (TensorRT's form: zero points 0) calibrated on `calib_frames`.
+
+    method: activation range from min-max, a percentile of |x| (`percentile`) or entropy (KL).
+    per_channel: per-output-channel weight scales (else one per tensor). quant_ops: op types
+    quantised. keep_fp32: module paths (see `module_node_names`) kept fp32 besides the scan
+    sub-graph and the pre/post tail, always kept. fp32_consumers: "fp32" = ops that stay fp32
+    read the original tensor (only quantised ops see rounding); "qdq" = they read the dequantised
+    copy (onnxruntime's default, TensorRT may then fuse more)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if method not in CALIB_METHODS:
+        raise ExportArgError(f"calib_method: expected one of {', '.join(CALIB_METHODS)}, got {method!r}")
+    bad = [o for o in quant_ops if o not in QUANT_OPS]
+    if bad or not quant_ops:
+        raise ExportArgError(f"quant_ops: expected a non-empty subset of {', '.join(QUANT_OPS)}, got {list(quant_ops)}")
+    if fp32_consumers not in ("fp32", "qdq"):
+        raise ExportArgError(f"fp32_consumers: expected fp32 or qdq, got {fp32_consumers!r}")
+    if not 0 < float(percentile) <= 100:
+        raise ExportArgError(f"calib_percentile: expected 0 < p <= 100, got {percentile}")
     model = onnx.load(str(src))
-    exclude = sorted(set(scan_node_names(model)) | set(tail_node_names(model)))
+    fixed = set(scan_node_names(model)) | set(tail_node_names(model))
+    kept = set(module_node_names(model, keep_fp32, quant_ops))
+    unmatched = [p for p in keep_fp32 if p not in KEEP_SPECIAL and not module_node_names(model, [p])]
+    if unmatched:
+        raise ExportArgError(f"keep_fp32: no node of {src} lies in module(s) {unmatched} "
+                             "(module paths as in the model, e.g. encoder, neck, fuse.gate, heads)")
+    # MatMul against a constant of rank > 2 (e.g. PaDiM's per-position inverse covariances) is a
+    # batched distance, not a layer: its per-channel axis is ill-defined and its precision matters
+    rank = {i.name: len(i.dims) for i in model.graph.initializer}
+    batched = {n.name for n in model.graph.node
+               if n.op_type in ("MatMul", "Gemm") and any(rank.get(x, 0) > 2 for x in n.input)}
+    exclude = sorted(fixed | kept | batched)
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-          "entropy": CalibrationMethod.Entropy}[method]
+          "entropy": CalibrationMethod.MinMax}[method]     # entropy: ranges given as overrides below
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if method == "percentile":
+        extra["CalibPercentile"] = float(percentile)
     try:
-        quantize_static(str(src), str(dst), _FramesReader(calib_frames), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(QUANT_OPS), per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=exclude, calibrate_method=cm,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        with contextlib.redirect_stdout(io.StringIO()):      # the calibrators print their progress
+            if method == "entropy":
+                inits = {i.name for i in model.graph.initializer}
+                extra["TensorQuantOverrides"] = {
+                    k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                    for k, (lo, hi) in entropy_ranges(src, calib_frames, quant_ops).items() if k not in inits and hi > lo}
+            quantize_static(str(src), str(dst), _FramesReader(calib_frames), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(quant_ops), per_channel=per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=exclude, calibrate_method=cm, extra_options=extra)
     except Exception as e:
         raise ExportError(f"{src}: INT8 quantisation failed: {first_line(e)}") from None
     q = onnx.load(str(dst))
+    dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.name for n in q.graph.node
+                 if n.op_type in quant_ops and n.name not in set(exclude) and n.input[0] in dq_out}
+    moved = 0
+    if fp32_consumers == "fp32":
+        moved = route_fp32_consumers(q, quantized)
+        _drop_dead_nodes(q)
+        onnx.save(q, str(dst))
     n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
-    return {"quantize_nodes": n_q, "excluded_nodes": len(exclude), "calib_frames": int(len(calib_frames)),
-            "method": method}
+    info = {"quantize_nodes": n_q, "quantized_nodes": len(quantized), "excluded_nodes": len(exclude),
+            "calib_frames": int(len(calib_frames)), "method": method, "per_channel": bool(per_channel),
+            "quant_ops": list(quant_ops), "keep_fp32": list(keep_fp32), "fp32_consumers": fp32_consumers,
+            "rerouted_inputs": moved, "batched_matmul_kept": len(batched), "symmetric": True}
+    if method == "percentile":
+        info["percentile"] = float(percentile)
+    if method == "entropy":
+        info["entropy_bins"] = list(ENTROPY_BINS)
+    return info
 
 
 # ---- trtexec + TensorRT API ------------------------------------------------------------
@@ -345,12 +534,18 @@ def export_trt(ckpt, out=None, *, precision: str = "fp32", calib=None, workspace
                scan: str = "chunked", min_batch: int = 1, opt_batch: int = 8, max_batch: int = 16,
                dry_run: bool = False, timing_cache=None, target: str = "x86", frame_hw=None,
                frame_channels=None, full_res_map: bool = False, opset=None, check: bool = True, images=None,
-               n=None, n_calib: int = 64, quiet: bool = False, onnx_fp32=None) -> TrtExport:
-    """See module docstring. `onnx_fp32`: reuse an existing fp32 export (its metadata is checked)."""
+               n=None, n_calib=None, quiet: bool = False, onnx_fp32=None, calib_method=None,
+               calib_percentile=None, int8_weights=None, int8_ops=None, int8_keep=None,
+               int8_fp32_consumers=None) -> TrtExport:
+    """See module docstring. `onnx_fp32`: reuse an existing fp32 export (its metadata is checked).
+    INT8 options (precision int8 only; None = INT8_DEFAULTS): see `quantize_int8`."""
     a = validate_args("tensorrt", ckpt=ckpt, out=out, precision=precision, calib=calib, workspace=workspace,
                       scan=scan, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, dry_run=dry_run,
                       timing_cache=timing_cache, target=target, frame_hw=frame_hw, frame_channels=frame_channels,
-                      full_res_map=full_res_map, opset=opset, check=check, images=images, n=n)
+                      full_res_map=full_res_map, opset=opset, check=check, images=images, n=n, n_calib=n_calib,
+                      calib_method=calib_method, calib_percentile=calib_percentile, int8_weights=int8_weights,
+                      int8_ops=int8_ops, int8_keep=int8_keep, int8_fp32_consumers=int8_fp32_consumers)
+    q8 = {k: (INT8_DEFAULTS[k] if a.get(k) is None else a[k]) for k in INT8_DEFAULTS}
     import onnx
 
     from .check import gate
@@ -416,8 +611,11 @@ def export_trt(ckpt, out=None, *, precision: str = "fp32", calib=None, workspace
                 if prec == "fp16":
                     info = convert_fp16(fp32_path, graph)
                 else:
-                    frames, src = calibration_frames(calib, n_calib, hw, ch)
-                    info = quantize_int8(fp32_path, graph, frames)
+                    frames, src = calibration_frames(calib, q8["n_calib"], hw, ch)
+                    info = quantize_int8(fp32_path, graph, frames, q8["calib_method"],
+                                         percentile=q8["calib_percentile"],
+                                         per_channel=q8["int8_weights"] == "per-channel", quant_ops=q8["int8_ops"],
+                                         keep_fp32=q8["int8_keep"], fp32_consumers=q8["int8_fp32_consumers"])
                     info["calib_source"] = src
                 mp = onnx.load(str(graph))
                 gmeta = json.loads(json.dumps(meta))

@@ -103,3 +103,157 @@ def test_engine_build_where_tensorrt_imports(onnx_chunked, tiny_ckpt, tmp_path):
     res = T.export_trt(tiny_ckpt, tmp_path, precision="fp16", onnx_fp32=onnx_chunked[0], max_batch=4,
                        opt_batch=2, quiet=True)
     assert res.engine.is_file() and read_metadata(res.engine)["export"]["format"] == "tensorrt"
+
+
+# ---- INT8 options ----------------------------------------------------------------------------
+def _producers(m):
+    return {o: n for n in m.graph.node for o in n.output}
+
+
+def _dq_outputs(m):
+    return {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+
+
+def _activation_scales(m):
+    """{activation tensor: scale} of the Q nodes whose input is not a constant."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in m.graph.initializer}
+    return {n.input[0]: float(numpy_helper.to_array(inits[n.input[1]]))
+            for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+@pytest.fixture(scope="module")
+def int8_graphs(onnx_chunked, tmp_path_factory):
+    """One Q/DQ graph per calibration method (+ the onnxruntime-default wiring), same 8 frames."""
+    src = onnx_chunked[0]
+    out = tmp_path_factory.mktemp("int8")
+    calib = fresh_frames(8, FRAME_HW, 1, seed=21)
+    graphs = {}
+    for name, kw in {"minmax": {}, "percentile": {"method": "percentile", "percentile": 99.9},
+                     "entropy": {"method": "entropy"}, "minmax-qdq": {"fp32_consumers": "qdq"}}.items():
+        info = T.quantize_int8(src, out / f"{name}.onnx", calib, **kw)
+        graphs[name] = (out / f"{name}.onnx", info)
+    return src, graphs
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "minmax-qdq"])
+def test_each_calibration_method_runs_in_ort_close_to_fp32(int8_graphs, method):
+    src, graphs = int8_graphs
+    path, info = graphs[method]
+    assert info["method"] == method.split("-")[0] and info["quantized_nodes"] > 0
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    frames = fresh_frames(5, FRAME_HW, 1, seed=22)
+    ref, got = run(src, frames), run(path, frames)
+    assert all(np.isfinite(g).all() for g in got)
+    err = np.abs(got[0] - ref[0]).max()
+    assert 0 < err < 0.5 * np.abs(ref[0]).max() + 1e-3
+    assert np.corrcoef(got[0].ravel(), ref[0].ravel())[0, 1] > 0.5
+
+
+def test_calibration_methods_give_different_ranges(int8_graphs):
+    _, graphs = int8_graphs
+    scales = {k: _activation_scales(onnx.load(str(p))) for k, (p, _) in graphs.items() if k != "minmax-qdq"}
+    common = set.intersection(*(set(s) for s in scales.values()))
+    assert len(common) > 5
+    mm = np.array([scales["minmax"][t] for t in sorted(common)])
+    for k in ("percentile", "entropy"):
+        other = np.array([scales[k][t] for t in sorted(common)])
+        # clipping methods: never wider than min-max, and narrower on some tensors (onnxruntime's
+        # own entropy calibrator with default bins silently equals min-max; ours must not)
+        assert (other <= mm * (1 + 1e-5)).all(), k
+        assert (other < mm * 0.999).sum() >= 1, k
+
+
+def test_fp32_consumers_read_the_original_tensor(int8_graphs, onnx_chunked):
+    _, graphs = int8_graphs
+    fp32 = {n.name: n for n in onnx.load(str(onnx_chunked[0])).graph.node}
+    for name in ("minmax", "minmax-qdq"):
+        m = onnx.load(str(graphs[name][0]))
+        dq = _dq_outputs(m)
+        readers = [n for n in m.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                   and n.op_type not in T.QUANT_OPS and any(x in dq for x in n.input)]
+        if name == "minmax":       # only quantised ops see int8 rounding
+            assert readers == [] and graphs[name][1]["rerouted_inputs"] > 0
+            # and those fp32 readers are wired to the very tensors they read in the fp32 graph
+            for n in m.graph.node:
+                if n.name in fp32 and n.op_type not in T.QUANT_OPS:
+                    assert list(n.input) == list(fp32[n.name].input), n.name
+        else:                      # onnxruntime's default: fp32 ops read the dequantised copy
+            assert readers and graphs[name][1]["rerouted_inputs"] == 0
+
+
+def test_kept_modules_have_no_qdq(onnx_chunked, tmp_path):
+    src = onnx_chunked[0]
+    base = onnx.load(str(src))
+    keep = ("fuse.gate", "heads", "first", "last")
+    names = set(T.module_node_names(base, keep))
+    gates = [n.name for n in base.graph.node if n.op_type == "Conv" and any(".fuse.gate" in s for s in T._scopes(n))]
+    assert gates and set(gates) <= names
+    cand = [n.name for n in base.graph.node if n.op_type in T.QUANT_OPS
+            and n.name not in set(T.scan_node_names(base)) | set(T.tail_node_names(base))]
+    assert cand[0] in names and cand[-1] in names
+    info = T.quantize_int8(src, tmp_path / "k.onnx", fresh_frames(6, FRAME_HW, 1, seed=23), keep_fp32=keep,
+                           quant_ops=("Conv",), per_channel=False)
+    m = onnx.load(str(tmp_path / "k.onnx"))
+    dq, prod = _dq_outputs(m), _producers(m)
+    kept = [n for n in m.graph.node if n.name in names]
+    assert len(kept) == len(names)
+    for n in kept:                 # neither the activation nor the weight of a kept node is quantised
+        assert not any(x in dq for x in n.input), n.name
+    assert not any(n.op_type in ("Gemm", "MatMul") and any(x in dq for x in n.input) for n in m.graph.node)
+    weights_q = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and prod.get(n.input[0]) is None]
+    assert weights_q
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert all(inits[n.input[1]].ndim == 0 for n in weights_q)       # per-tensor weight scales
+    assert info["keep_fp32"] == list(keep) and info["per_channel"] is False and info["quant_ops"] == ["Conv"]
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"calib_method": "kl"}, "calib_method: expected one of minmax, percentile, entropy, got 'kl'"),
+    ({"int8_ops": "Conv,Relu"}, "int8_ops: expected a comma-separated subset of Conv,Gemm,MatMul"),
+    ({"int8_weights": "per-row"}, "int8_weights: expected one of per-channel, per-tensor"),
+    ({"calib_percentile": 99.9}, "calib_percentile: only used with calib_method percentile"),
+    ({"calib_method": "percentile", "calib_percentile": 101}, r"calib_percentile: expected 50 <= p <= 100"),
+    ({"n_calib": 0}, "n_calib: expected 1..10000"),
+    ({"int8_fp32_consumers": "int8"}, "int8_fp32_consumers: expected one of fp32, qdq"),
+    ({"int8_keep": "encoder;rm -rf"}, "int8_keep: expected module paths"),
+    ({"int8_keep": "no_such_module"}, r"keep_fp32: no node of .* lies in module\(s\) \['no_such_module'\]"),
+    ({"precision": "fp16", "calib_method": "entropy"}, "calib_method: an INT8 option; it needs precision int8"),
+])
+def test_bad_int8_option_is_one_clear_error(onnx_chunked, tiny_ckpt, tmp_path, kw, msg):
+    from export.formats import ExportArgError
+
+    kw = dict({"precision": "int8"}, **kw)
+    with pytest.raises(ExportArgError, match=msg):
+        T.export_trt(tiny_ckpt, tmp_path, dry_run=True, onnx_fp32=onnx_chunked[0], n_calib=kw.pop("n_calib", 4),
+                     check=False, quiet=True, **kw)
+
+
+def test_cli_flags_reach_the_metadata_and_sidecar(onnx_chunked, tiny_ckpt, tmp_path, capsys):
+    import argparse
+    import json
+
+    from export.formats import add_cli_args, cli_kwargs
+
+    ap = add_cli_args(argparse.ArgumentParser(), "tensorrt")
+    kw = cli_kwargs(ap.parse_args(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path), "--precision", "int8",
+                                   "--dry-run", "--calib-method", "percentile", "--calib-percentile", "99.5",
+                                   "--n-calib", "5", "--int8-keep", "fuse.gate", "--int8-weights", "per-tensor",
+                                   "--n", "4"]), "tensorrt")
+    kw = {k: v for k, v in kw.items() if v is not None}
+    res = T.export_trt(kw.pop("ckpt"), kw.pop("out"), onnx_fp32=onnx_chunked[0], quiet=True, **kw)
+    assert res.parity is not None and res.parity.passed        # the int8 parity gate ran
+    for meta in (read_metadata(res.onnx), json.loads((tmp_path / "model.int8.onnx.json").read_text())):
+        info = meta["export"]["precision_info"]
+        assert meta["export"]["precision"] == "int8"
+        assert info["method"] == "percentile" and info["percentile"] == 99.5 and info["calib_frames"] == 5
+        assert info["keep_fp32"] == ["fuse.gate"] and info["per_channel"] is False
+        assert info["fp32_consumers"] == "fp32" and info["quant_ops"] == list(T.QUANT_OPS)
+    with pytest.raises(SystemExit) as e:
+        T.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--precision", "int8",
+                "--calib-method", "kl", "--dry-run"])
+    assert e.value.code == 2 and "--calib-method: invalid choice: 'kl'" in capsys.readouterr().err
