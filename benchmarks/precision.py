@@ -168,6 +168,20 @@ def run_precision(ckpt, data, *, precisions: Sequence[str] = PRECISIONS, limit: 
     except CheckpointError as e:
         raise BenchError(f"--ckpt: {e}") from None
     size = int(model.preprocess.input_size)
+    if onnx_fp32 is not None:        # a reused export fixes the frame size and channels
+        from export.artifacts import ArtifactError, read_metadata
+
+        if not pathlib.Path(onnx_fp32).is_file():
+            raise BenchError(f"--onnx-fp32: {onnx_fp32} does not exist")
+        try:
+            ex = read_metadata(onnx_fp32)["export"]
+        except (ArtifactError, ValueError, KeyError) as e:
+            raise BenchError(f"--onnx-fp32: {onnx_fp32} is not an export of this toolkit ({e})") from None
+        if tuple(ex["frame_hw"]) != (size, size):
+            raise BenchError(f"--onnx-fp32: frames of {ex['frame_hw']} expected, the benchmark feeds {size}x{size}")
+        if frame_channels is not None and frame_channels != ex["frame_channels"]:
+            raise BenchError(f"--frame-channels {frame_channels}: {onnx_fp32} takes {ex['frame_channels']}")
+        frame_channels = int(ex["frame_channels"])
     ts, ch = load_test_set(data, size, frame_channels, limit, seed, progress)
     outdir = pathlib.Path(out) if out is not None else pathlib.Path("benchmarks/out/precision")
     outdir.mkdir(parents=True, exist_ok=True)
@@ -184,8 +198,6 @@ def run_precision(ckpt, data, *, precisions: Sequence[str] = PRECISIONS, limit: 
             graphs["fp32"] = r.path
         else:
             graphs["fp32"] = pathlib.Path(onnx_fp32)
-            if not graphs["fp32"].is_file():
-                raise BenchError(f"--onnx-fp32: {graphs['fp32']} does not exist")
         build_s["fp32"] = time.perf_counter() - t
         for prec in precisions[1:]:
             t = time.perf_counter()

@@ -3,6 +3,9 @@
     python -m export.trt --ckpt model.pt [--precision fp32|fp16|int8] [--calib DIR] [--workspace GB]
         [--scan chunked|plugin] [--min-batch 1 --opt-batch 8 --max-batch 16] [--target x86|jetpack6]
         [--timing-cache FILE] [--dry-run]
+        INT8: [--calib-method minmax|percentile|entropy] [--calib-percentile P] [--n-calib N]
+        [--int8-weights per-channel|per-tensor] [--int8-ops Conv,Gemm,MatMul] [--int8-keep MODULES]
+        [--int8-fp32-consumers fp32|qdq]
 
 Why the precision lives in the graph: TensorRT 11 removed BuilderFlag.FP16/INT8 and the INT8
 calibrators (strongly typed networks only) while JetPack 6 ships TensorRT 10.3; a graph whose
@@ -15,7 +18,12 @@ Steps:
    traced from kernels/selective_scan.py), reductions, normalisations, exp/log, softmax, resize,
    the pre-processing and the anomaly-map tail stay fp32.
    int8: explicit symmetric Q/DQ (onnxruntime.quantization, static, per-channel weights) on
-   Conv/Gemm/MatMul, calibrated on normal images (`--calib DIR`), scan sub-graph excluded.
+   Conv/Gemm/MatMul, calibrated on normal images (`--calib DIR`, 64 by default), scan sub-graph,
+   pre/post tail and batched MatMuls excluded, min-max activation ranges. Ops that stay fp32 read
+   the original fp32 tensor, not the int8-rounded copy onnxruntime wires them to by default
+   (`--int8-fp32-consumers fp32`): on the magnetic tile DVAD that alone took INT8 from -1.2 / -2.4
+   to -0.5 / -0.5 points of image / pixel AUROC (benchmarks/precision.py, RESULTS.md section 3).
+   All choices are recorded in the artifact's metadata (export.precision_info).
    The reduced-precision ONNX is an artifact of its own (sidecar + metadata) and goes through
    the parity gate in ONNX Runtime on CPU with that precision's tolerances.
 3. Static TensorRT compatibility check of the final ONNX for `--target`.

@@ -107,3 +107,22 @@ def test_missing_inputs_are_one_clear_error(setup, tmp_path, capsys):
     assert P.main(["--ckpt", str(ckpt), "--data", str(data), "--calib", str(tmp_path / "nocalib"),
                    "--no-progress"]) == 2
     assert "--calib:" in capsys.readouterr().err
+
+
+def test_reused_fp32_graph_and_seeded_subset(setup, tmp_path):
+    ckpt, data, out, full = setup
+    rc = P.main(["--ckpt", str(ckpt), "--data", str(data), "--onnx-fp32", str(out / "model.onnx"), "--precision",
+                 "int8", "--limit", "8", "--seed", "1", "--out", str(tmp_path), "--int8-fp32-consumers", "qdq",
+                 "--n-calib", "4", "--no-progress"])
+    assert rc == 0
+    res = json.loads((tmp_path / "precision.json").read_text())
+    assert [r["precision"] for r in res["rows"]] == ["fp32", "int8"]      # fp32 always measured as the reference
+    assert res["rows"][0]["onnx"] == str(out / "model.onnx") and res["n_test"] == 8 and res["n_available"] == 11
+    assert res["rows"][1]["precision_info"]["fp32_consumers"] == "qdq"
+    frames, masks, labels = _own_test_set(data, res["frame_channels"])
+    pick = sorted(np.random.default_rng(1).choice(len(labels), 8, replace=False))   # the documented subset
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    maps, scores = sess.run(["anomaly_map", "score"], {"frames": frames[pick]})
+    assert res["rows"][0]["image_auroc"] == pytest.approx(100 * roc_auc_score(labels[pick], np.ravel(scores)))
+    assert res["rows"][0]["pixel_auroc"] == pytest.approx(
+        100 * roc_auc_score(masks[pick].ravel(), maps[:, 0].ravel()), abs=1e-4)
