@@ -191,19 +191,27 @@ def _selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # Chunked lowering in standard ops (CPU implementation and what ONNX / torch.export trace).
 #
 # With g_l = exp(delta_l * A) (the decay, in (0, 1] for A <= 0) and x_l = delta_l * B_l * u_l,
-# the state is h_l = g_l * h_{l-1} + x_l. L is split into chunks of CHUNK steps, and tensors are
-# laid out (batch, group, channel, chunk, N), one tensor per step of the chunk:
-#   1. inside every chunk at once, CHUNK unrolled steps give the local states from a zero
-#      state (a constant number of ops: no loop and no unroll over L), and y's local part
-#      sum_n C h_local is reduced right away;
-#   2. the chunk end states obey the same recurrence with the chunk's total decay, so the carry
-#      between chunks is the same chunked scan applied to the chunk totals, recursively (depth
-#      ceil(log_CHUNK L), each level CHUNK times smaller);
-#   3. y's carried part is sum_n C_t[n] exp(A[n] S_t) carry[n], where S_t is the within-chunk
-#      cumulative delta (N-independent; A S_t <= 0 so the exp cannot overflow).
-# No exp of a growing cumulative sum appears anywhere: steep decays underflow to 0, which is
-# the right answer. Nothing of size (B, D, L, N) is kept: every per-step tensor is reduced over
-# N at once, so eager memory stays low and torch.compile can fuse each stage into one loop.
+# the state is h_l = g_l * h_{l-1} + x_l. L is split into chunks of CHUNK steps, and every
+# (B, D, L, N)-sized quantity is handled as CHUNK step tensors of layout (b, G, N, dg, chunks):
+#   1. per step t, g_t and x_t are made from the step's N-independent slices of delta, delta*u
+#      (b, G, 1, dg, chunks) and of B (b, G, N, 1, chunks) by broadcasting;
+#   2. one sweep over the CHUNK steps (Horner form) gives every chunk's end state from a zero
+#      start; the chunk ends obey the same recurrence with the chunk's total decay
+#      exp(A * sum(delta)), so the carry between chunks is the same scan along the chunk axis
+#      (`_scan_last`), recursively (depth ceil(log_CHUNK L), each level CHUNK times smaller);
+#   3. a second sweep starts every chunk from its carried state and reduces y_t = sum_n C h
+#      at once.
+# No exp of a growing cumulative sum appears anywhere (every exp argument is <= 0): steep decays
+# underflow to 0, which is the right answer. Constant node count in L (no Loop, no unroll).
+# Why this shape (ONNX Runtime CPU profile of the 256 px DVAD, batch 1; the earlier step-major
+# (..., chunks, N) form was 2.3x slower):
+# - no Transpose of anything N-sized: the layout changes are Split/Reshape of small
+#   N-independent tensors. ORT's transpose optimizer pushes a Transpose through the following
+#   element-wise ops onto the (B, D, L, N)-sized products, where it costs a full copy each;
+# - N is not the innermost axis, so broadcasts run over long contiguous rows (chunks) and the
+#   reduction over N is a fast middle-axis ReduceSum;
+# - no Softplus node (ORT's is scalar and slow): log(1 + exp(x)), x above 20 passed through;
+# - two sweeps over the steps and no per-step decay products (chunk totals come from delta).
 # ---------------------------------------------------------------------------------------------
 CHUNK = 4
 
@@ -217,7 +225,9 @@ def _scan_short(g, x):
 
 
 def _chunk_states(g, x, chunk=CHUNK):
-    """All states h_l = g_l * h_{l-1} + x_l (h_{-1} = 0) along dim -2, layout (..., L, N)."""
+    """All states h_l = g_l * h_{l-1} + x_l (h_{-1} = 0) along dim -2, layout (..., L, N).
+    (Backward pass and the Triton launcher's split carry; the forward lowering uses
+    `_scan_last`.)"""
     length, n = x.shape[-2], x.shape[-1]
     if length <= chunk:
         return _scan_short(g, x)
@@ -240,6 +250,39 @@ def _chunk_states(g, x, chunk=CHUNK):
     return h[..., :length, :] if pad else h
 
 
+def _scan_last(g, x, chunk=CHUNK):
+    """All states h_l = g_l * h_{l-1} + x_l (h_{-1} = 0) along the LAST axis; g, x (..., L).
+    Chunks of `chunk` steps: a Horner sweep for the chunk ends, the carry by recursion on the
+    chunk totals, a second sweep from the carried states. Slices are Splits along the last
+    axis (no Transpose)."""
+    length = x.shape[-1]
+    if length <= chunk:
+        gs, xs = g.split(1, -1), x.split(1, -1)
+        h = [xs[0]]
+        for t in range(1, length):
+            h.append(xs[t] + gs[t] * h[-1])
+        return torch.cat(h, -1) if length > 1 else h[0]
+    nc = -(-length // chunk)
+    pad = nc * chunk - length
+    if pad:  # identity steps at the end: decay 1, input 0
+        g = F.pad(g, (0, pad), value=1.0)
+        x = F.pad(x, (0, pad))
+    lead = x.shape[:-1]
+    gs = g.reshape(*lead, nc, chunk).split(1, -1)
+    xs = x.reshape(*lead, nc, chunk).split(1, -1)
+    end, tot = xs[0], gs[0]
+    for t in range(1, chunk):
+        end = xs[t] + gs[t] * end
+        tot = tot * gs[t]
+    ends = _scan_last(tot.reshape(*lead, nc), end.reshape(*lead, nc), chunk)
+    carry = F.pad(ends[..., :-1], (1, 0)).unsqueeze(-1)                  # state before chunk
+    h = [xs[0] + gs[0] * carry]
+    for t in range(1, chunk):
+        h.append(xs[t] + gs[t] * h[-1])
+    h = torch.cat(h, -1).reshape(*lead, nc * chunk)
+    return h[..., :length] if pad else h
+
+
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     acc = _acc_dtype(u.dtype)
     u = u.to(acc)
@@ -251,6 +294,16 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     return acc, u, dl
 
 
+def _softplus_ops(x):
+    """softplus(x) = relu(x) + log1p(exp(-|x|)) in element-wise ops, with log1p(e) computed as
+    log(u) - ((u - 1) - e) / u, u = 1 + e (the rounding of u corrected; 2e-7 relative error
+    over all x). ONNX Runtime's Softplus kernel is scalar: ~3x the cost of these, plus the Where
+    that torch's threshold adds."""
+    e = torch.exp(-x.abs())
+    u = 1.0 + e
+    return torch.relu(x) + (torch.log(u) - ((u - 1.0) - e) / u)
+
+
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=False, return_last_state=False, chunk=CHUNK):
     """The chunked standard-op lowering (same contract as `selective_scan`)."""
@@ -259,29 +312,39 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     n = A.shape[1]
     groups = B.shape[1]
     dg = dim // groups
-    acc, u, dl = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    acc = _acc_dtype(dtype_in)
+    u = u.to(acc)
+    dl = delta.to(acc)
+    if delta_bias is not None:
+        dl = dl + delta_bias.to(acc)[:, None]
+    if delta_softplus:
+        dl = _softplus_ops(dl)
     nc = -(-length // chunk)
     pad = nc * chunk - length
+
     # padded steps have delta = 0: decay exp(0) = 1 and input 0, i.e. identity steps.
-    # Step-major layouts (chunk step first) make every per-step slice contiguous.
-    dl_c = F.pad(dl, (0, pad)).reshape(batch, groups, dg, nc, chunk)
-    S = dl_c.cumsum(-1).movedim(-1, 0)[..., None]            # (chunk, b, G, dg, nc, 1)
-    dl_s = dl_c.movedim(-1, 0)[..., None].contiguous()
-    du_s = F.pad(dl * u, (0, pad)).reshape(batch, groups, dg, nc, chunk).movedim(-1, 0)[..., None].contiguous()
-    # B, C: (b, G, N, L) -> (chunk, b, G, 1, nc, N), small tensors
-    Bs = F.pad(B.to(acc), (0, pad)).reshape(batch, groups, n, nc, chunk).permute(4, 0, 1, 3, 2).unsqueeze(3).contiguous()
-    Cs = F.pad(C.to(acc), (0, pad)).reshape(batch, groups, n, nc, chunk).permute(4, 0, 1, 3, 2).unsqueeze(3).contiguous()
-    A5 = A.to(acc).reshape(1, groups, dg, 1, n)
-    h = None
-    y_loc = []
-    for t in range(chunk):                                   # local states, zero start
-        x_t = du_s[t] * Bs[t]                                # (b, G, dg, nc, N)
-        h = x_t if h is None else torch.addcmul(x_t, torch.exp(dl_s[t] * A5), h)
-        y_loc.append((h * Cs[t]).sum(-1))
-    ends = _chunk_states(torch.exp(S[-1] * A5), h, chunk)   # state at each chunk end
-    carry = F.pad(ends[..., :-1, :], (0, 0, 1, 0))
-    y = torch.stack([y_loc[t] + (torch.exp(S[t] * A5) * carry * Cs[t]).sum(-1)
-                     for t in range(chunk)], -1).reshape(batch, dim, nc * chunk)
+    def steps(t, rows, shape):   # (b, rows, L) -> chunk x (b, *shape, nc), one per step
+        t = F.pad(t, (0, pad)) if pad else t
+        return [s.reshape(batch, *shape, nc) for s in t.reshape(batch, rows, nc, chunk).split(1, -1)]
+
+    dls = steps(dl, dim, (groups, 1, dg))                                # (b, G, 1, dg, nc)
+    dus = steps(dl * u, dim, (groups, 1, dg))
+    Bs = steps(B.to(acc).reshape(batch, groups * n, length), groups * n, (groups, n, 1))
+    Cs = steps(C.to(acc).reshape(batch, groups * n, length), groups * n, (groups, n, 1))
+    A5 = A.to(acc).reshape(groups, dg, n).transpose(1, 2).reshape(1, groups, n, dg, 1)
+    gs = [torch.exp(d_t * A5) for d_t in dls]                           # (b, G, N, dg, nc)
+    xs = [d_t * b_t for d_t, b_t in zip(dus, Bs)]
+    end = xs[0]                                                         # chunk end, zero start
+    for t in range(1, chunk):
+        end = xs[t] + gs[t] * end
+    tot = torch.exp(sum(dls[1:], dls[0]) * A5)                          # chunk's total decay
+    ends = _scan_last(tot, end, chunk)                                  # state at each chunk end
+    h = xs[0] + gs[0] * F.pad(ends[..., :-1], (1, 0))                   # from the carried state
+    ys = [(h * Cs[0]).sum(2)]
+    for t in range(1, chunk):
+        h = xs[t] + gs[t] * h
+        ys.append((h * Cs[t]).sum(2))
+    y = torch.stack(ys, -1).reshape(batch, dim, nc * chunk)
     if pad:
         y = y[..., :length]
     if D is not None:
@@ -290,7 +353,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         y = y * F.silu(z.to(acc))
     y = y.to(dtype_in)
     if return_last_state:
-        return y, ends[..., -1, :].reshape(batch, dim, n)
+        return y, h[..., -1].transpose(2, 3).reshape(batch, dim, n)
     return y
 
 

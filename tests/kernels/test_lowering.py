@@ -87,10 +87,38 @@ def test_chunked_onnx_runs_in_onnxruntime():
 
 def test_chunked_onnx_node_count_independent_of_length():
     counts = {}
-    for length in (16, 64, 1024):  # 1, 2 and 4 levels of 4-step chunks
+    for length in (16, 64, 256, 1024):  # 1, 2, 3 and 4 levels of 4-step chunks
         kw = make_scan_inputs(1, 4, length, 4, 2, seed=4, with_z=False, with_D=False,
                               with_bias=False)
         counts[length] = len(_export(Scan(kw), _args(kw)[:4] + (None,)).graph.node)
-    per_level = counts[64] - counts[16]
-    assert 0 < per_level < 60
-    assert counts[1024] - counts[64] == 2 * per_level
+    first_level = counts[64] - counts[16]
+    per_level = counts[256] - counts[64]
+    assert 0 < first_level < 60 and 0 < per_level < 60
+    assert counts[1024] - counts[256] == per_level    # a constant cost per extra chunk level
+
+
+def _scan_graph_ops(length=64):
+    kw = make_scan_inputs(2, 8, length, 4, 2, seed=6)
+    return [n.op_type for n in _export(Scan(kw), _args(kw)).graph.node]
+
+
+def test_chunked_onnx_avoids_slow_ort_patterns():
+    """The lowering's speed in ONNX Runtime rests on these (kernels/selective_scan.py, chunked
+    lowering notes): no Transpose (ORT pushes it onto the (B, D, L, N)-sized products), no
+    Softplus (scalar kernel in ORT), no Gather (per-element copies on the last axis)."""
+    ops = set(_scan_graph_ops())
+    assert not ops & {"Transpose", "Softplus", "Gather", "Loop", "Scan"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_ops_matches_torch(dtype):
+    from kernels.selective_scan import _softplus_ops
+
+    x = torch.cat([torch.linspace(-80, 120, 20001, dtype=torch.float64),
+                   torch.randn(5000, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 5])
+    x = x.to(dtype)
+    got = _softplus_ops(x).double()
+    xd = x.double()   # float64 reference without torch's threshold (softplus(x) = x above 20)
+    ref = torch.where(xd > 0, xd + torch.log1p(torch.exp(-xd)), torch.log1p(torch.exp(xd)))
+    rel = ((got - ref).abs() / ref.abs()).max().item()
+    assert rel <= (1e-6 if dtype == torch.float32 else 1e-14)
