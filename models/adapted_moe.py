@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AnomalyModel, ConfigBase, PreprocessConfig
+from .base import AnomalyModel, ConfigBase, PreprocessConfig, encoder_preprocess, track_input_normalisation
 from .registry import register_model
 from . import encoders as _enc
 from . import layers as _layers
@@ -154,6 +154,7 @@ class AdaptedMoE(AnomalyModel):
         super().__init__(config, pretrained)
         c = config
         self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
+        track_input_normalisation(self)   # preprocess: the encoder's mean/std (ImageNet for old checkpoints)
         self.layer_ids = tuple(int(i) for i in c.layers)
         cin = sum(self.encoder.channels[i] for i in self.layer_ids)
         d = int(c.feature_dim) or cin
@@ -176,7 +177,7 @@ class AdaptedMoE(AnomalyModel):
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
+        return encoder_preprocess(self, input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
 
     # ---- features ------------------------------------------------------------------------
     def frozen_features(self, x):

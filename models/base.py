@@ -85,6 +85,34 @@ class ScoreStats(ConfigBase):
         return np.clip((np.asarray(score, dtype=np.float64) - self.low) / span * 0.5, 0.0, 1.0)
 
 
+# Checkpoints of the zoo families (omniad, padim, adapted_moe, fewshot) saved before they normalised
+# with their encoder's mean/std were trained on ImageNet mean/std whatever the encoder expected. Such
+# a checkpoint has no `LEGACY_NORM_BUFFER` in its state dict; loading it sets the flag, so the model
+# keeps the normalisation it was trained with (and its scores do not change).
+LEGACY_NORM_BUFFER = "legacy_imagenet_norm"
+
+
+def track_input_normalisation(model: nn.Module) -> None:
+    """Give `model` (with a frozen `model.encoder` exposing `.mean/.std`) a 0-d uint8 buffer saying
+    which normalisation it was trained with: 0 = the encoder's (new models), 1 = ImageNet (a state
+    dict without the buffer: saved before the fix). Integer, so `.half()` / `.to()` leave it exact."""
+    model.register_buffer(LEGACY_NORM_BUFFER, torch.zeros((), dtype=torch.uint8))
+
+    def _old_state_dict_means_imagenet(module, state_dict, prefix, *args):
+        state_dict.setdefault(prefix + LEGACY_NORM_BUFFER, torch.ones((), dtype=torch.uint8))
+
+    model.register_load_state_dict_pre_hook(_old_state_dict_means_imagenet)
+
+
+def encoder_preprocess(model: nn.Module, **kw) -> "PreprocessConfig":
+    """PreprocessConfig with the mean/std `model` was trained with (see `track_input_normalisation`)."""
+    if bool(getattr(model, LEGACY_NORM_BUFFER)):
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = tuple(model.encoder.mean), tuple(model.encoder.std)
+    return PreprocessConfig(mean=tuple(mean), std=tuple(std), **kw)
+
+
 class AnomalyModel(nn.Module):
     """Base class of all registered models (see module docstring for the contract)."""
 

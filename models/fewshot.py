@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import AnomalyModel, ConfigBase, PreprocessConfig
+from .base import AnomalyModel, ConfigBase, PreprocessConfig, encoder_preprocess, track_input_normalisation
 from .registry import register_model
 from . import encoders as _enc
 from .adapted_moe import iter_batches, patch_map
@@ -141,6 +141,7 @@ class FewShot(AnomalyModel):
         super().__init__(config, pretrained)
         c = config
         self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
+        track_input_normalisation(self)   # preprocess: the encoder's mean/std (ImageNet for old checkpoints)
         self.layer_ids = tuple(int(i) for i in c.layers)
         self.scales = tuple(int(k) for k in c.patch_scales)
         d = sum(self.encoder.channels[i] for i in self.layer_ids)
@@ -158,7 +159,7 @@ class FewShot(AnomalyModel):
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
+        return encoder_preprocess(self, input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
 
     # ---- features ------------------------------------------------------------------------
     def patch_features(self, x, with_grid: bool = False):

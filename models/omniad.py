@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AnomalyModel, ConfigBase, PreprocessConfig
+from .base import AnomalyModel, ConfigBase, PreprocessConfig, encoder_preprocess, track_input_normalisation
 from .registry import register_model
 from . import encoders as _enc
 from . import layers as _layers
@@ -165,6 +165,7 @@ class OmniAD(AnomalyModel):
         super().__init__(config, pretrained)
         c = config
         self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
+        track_input_normalisation(self)   # preprocess: the encoder's mean/std (ImageNet for old checkpoints)
         enc_ch = list(self.encoder.channels)              # strides 4, 8, 16
         dims = [c.width * 8, c.width * 4, c.width * 2, c.width]  # strides 32, 16, 8, 4
         self.neck = _layers.Neck(enc_ch, dims[0])
@@ -183,7 +184,7 @@ class OmniAD(AnomalyModel):
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
+        return encoder_preprocess(self, input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
 
     def encode(self, x):
         """Frozen encoder features [f4, f8, f16] (no gradient)."""

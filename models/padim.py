@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import encoders as _enc
 from . import layers as _layers
-from .base import AnomalyModel, ConfigBase, PreprocessConfig
+from .base import AnomalyModel, ConfigBase, PreprocessConfig, encoder_preprocess, track_input_normalisation
 from .registry import register_model
 
 _STRIDES = (4, 8, 16)
@@ -64,6 +64,7 @@ class Padim(AnomalyModel):
         super().__init__(config, pretrained)
         c = config
         self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
+        track_input_normalisation(self)   # preprocess: the encoder's mean/std (ImageNet for old checkpoints)
         total = sum(self.encoder.channels[i] for i in c.layers)
         if c.n_features > total:
             raise ValueError(f"PadimConfig.n_features: {c.n_features} exceeds the {total} channels of "
@@ -80,7 +81,7 @@ class Padim(AnomalyModel):
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
+        return encoder_preprocess(self, input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
 
     # ---- features -----------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
