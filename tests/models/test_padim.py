@@ -4,14 +4,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from models.base import IMAGENET_MEAN, IMAGENET_STD
 from models.padim import Padim, PadimConfig
 from models.synthetic import render_sample
 
 
-def _normalise(img_u8: np.ndarray) -> torch.Tensor:
+def _normalise(img_u8: np.ndarray, pp) -> torch.Tensor:
+    """uint8 HWC -> the model's own normalisation (`pp` = model.preprocess)."""
     x = torch.from_numpy(img_u8).permute(2, 0, 1).float() / 255.0
-    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - torch.tensor(pp.mean).view(3, 1, 1)) / torch.tensor(pp.std).view(3, 1, 1)
 
 
 def _numpy_reference(train_feats: np.ndarray, test_feats: np.ndarray, eps: float) -> np.ndarray:
@@ -73,11 +73,12 @@ def test_separates_synthetic_defects(kind):
     size = 96
     model = Padim(PadimConfig(input_size=size), pretrained=True).eval()   # offline lite0 weights
     rng = np.random.default_rng(1)
-    train = torch.stack([_normalise(render_sample(kind, size, rng)[0]) for _ in range(24)])
+    pp = model.preprocess
+    train = torch.stack([_normalise(render_sample(kind, size, rng)[0], pp) for _ in range(24)])
     model.prepare([train[:12], train[12:]])
     good = [render_sample(kind, size, rng)[0] for _ in range(8)]
     bad = [render_sample(kind, size, rng, defect=d) for d in ("scratch", "hole", "stain", "color") * 2]
-    x = torch.stack([_normalise(g) for g in good] + [_normalise(b[0]) for b in bad])
+    x = torch.stack([_normalise(g, pp) for g in good] + [_normalise(b[0], pp) for b in bad])
     with torch.no_grad():
         amap, score = model(x)
     labels = np.r_[np.zeros(8), np.ones(8)]
