@@ -323,10 +323,12 @@ def _export_onnx(model, size: int, path: pathlib.Path) -> str:
 
 class OrtRunner(Runner):
     """ONNX Runtime on the exported artifact. Preprocess is in the graph; CUDA/TensorRT EPs use
-    I/O binding so copy in / copy out are separate stages."""
+    I/O binding so copy in / copy out are separate stages. Session settings are the deployed
+    ones (runtime.engines.ort_session_options); `threads` = intra-op threads (0 = its default)."""
 
     PROVIDERS = {"ort": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                  "ort-trt": "TensorrtExecutionProvider"}
+    threads = 0
 
     def load(self):
         try:
@@ -357,8 +359,12 @@ class OrtRunner(Runner):
             self.notes.append("int8: onnxruntime dynamic quantisation (int8 weights, activations "
                               "quantised at run time), uncalibrated")
         self.artifact = str(path)
-        opts = ort.SessionOptions()
+        from runtime.engines import ort_session_options
+
+        opts = ort_session_options(self.threads)
         opts.log_severity_level = 3
+        if self.threads:
+            self.notes.append(f"{self.threads} intra-op thread(s)")
         providers = [prov] if prov == "CPUExecutionProvider" else [prov, "CPUExecutionProvider"]
         if self.backend == "ort-trt":
             providers = [(prov, {"trt_fp16_enable": self.precision == "fp16",
@@ -392,6 +398,42 @@ class OrtRunner(Runner):
             amap, score, norm = io.copy_outputs_to_cpu()[:3]
         with stage("postprocess"):
             return postprocess(amap, score, norm, self.stats)
+
+
+def ort_op_profile(path, frames: np.ndarray, runs: int = 10, threads: int = 0, top: int = 0) -> dict:
+    """Where ONNX Runtime (CPU) spends its time: a fresh session with the deployed settings and
+    its profiler on, 2 warm-up calls, then `runs` calls whose kernel time is summed per op type.
+    Returns {"runs", "threads", "kernel_ms" (per call), "ops": [{"op", "ms" (per call), "nodes",
+    "share"}]} sorted by time (the first `top` when top > 0). Op types are those ORT runs after
+    its graph optimisations (e.g. fused Conv, the NCHWc Reorder* nodes)."""
+    import onnxruntime as ort
+
+    from runtime.engines import ort_session_options
+
+    warmup = 2
+    with tempfile.TemporaryDirectory(prefix="edge_ad_ortprof_") as tmp:
+        so = ort_session_options(threads, profile_prefix=str(pathlib.Path(tmp) / "ort"))
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: frames}
+        for _ in range(warmup + runs):
+            sess.run(None, feed)
+        events = json.loads(pathlib.Path(sess.end_profiling()).read_text())
+    calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "Session" and e.get("name") == "model_run")
+    start = calls[warmup][0]              # timed calls only (warm-up calls excluded)
+    ms: Dict[str, float] = {}
+    nodes: Dict[str, int] = {}
+    for e in events:
+        if (e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
+                and e["ts"] >= start):
+            op = e.get("args", {}).get("op_name", "?")
+            ms[op] = ms.get(op, 0.0) + e["dur"] / 1000.0
+            nodes[op] = nodes.get(op, 0) + 1
+    total = sum(ms.values())
+    ops = [{"op": op, "ms": v / runs, "nodes": nodes[op] // runs, "share": v / total if total else 0.0}
+           for op, v in sorted(ms.items(), key=lambda kv: -kv[1])]
+    return {"runs": runs, "threads": threads, "kernel_ms": total / runs, "ops": ops[:top] if top else ops}
 
 
 def _probe(module: str, names: Sequence[str]):
@@ -585,6 +627,8 @@ class Settings:
     stage_reps: int = 5
     quick: bool = False
     skip: Dict[str, str] = field(default_factory=dict)   # backend -> reason it is not run
+    ort_threads: int = 0     # intra-op threads of the ORT sessions (0 = the engine default)
+    ort_profile: int = 0     # profiled calls per ORT CPU row after timing (0 = no profile)
 
 
 def _blank_row(backend, precision, batch, device, role, model_name) -> dict:
@@ -617,6 +661,9 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
                                 max_batch=max(settings.batches))
             except Unavailable as e:
                 reason = str(e)
+            else:
+                if isinstance(r, OrtRunner):
+                    r.threads = settings.ort_threads
             reason = reason or settings.skip.get(backend)
             if reason is None:
                 try:
@@ -708,8 +755,19 @@ def run_benchmark(model, ref_model, settings: Settings, workdir, log=print, prog
             row["score_max_abs_diff"] = float(np.max(np.abs(out["score"].astype(np.float64)
                                                             - reference_scores[b])))
         rows.append(row)
+    ort_profiles = {}
+    if settings.ort_profile:   # after all timing: where ONNX Runtime spends its time, per op type
+        for (backend, precision), r in runners.items():
+            if isinstance(r, OrtRunner) and not r.on_gpu:
+                for b in settings.batches:
+                    try:
+                        ort_profiles[f"{backend}/{precision}/b{b}"] = ort_op_profile(
+                            r.artifact, frames[b], runs=settings.ort_profile, threads=settings.ort_threads)
+                    except Exception as e:   # a profile that fails must not lose the timings
+                        log(f"[bench] ORT profile of {backend} {precision} b{b} failed: {type(e).__name__}: {e}")
     return {
         "schema": SCHEMA,
+        "ort_profiles": ort_profiles,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": dict(host_info(device), loadavg_at_start=load_before),
         "jetson": jetson.report(),
@@ -939,6 +997,11 @@ def parse_args(argv=None):
                    help="what `make bench` runs: small DVAD (trained briefly on synthetic data when "
                         "models.train is available), the CPU set, benchmarks/out/latency.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--ort-threads", type=int, default=0,
+                   help="intra-op threads of the ONNX Runtime sessions (default 0: the engine's default)")
+    p.add_argument("--ort-profile", type=int, default=0, metavar="N",
+                   help="after timing, N profiled calls per ORT CPU row: kernel time per op type "
+                        "(console and JSON 'ort_profiles')")
     return p.parse_args(argv)
 
 
@@ -975,6 +1038,10 @@ def settings_from_args(a) -> Settings:
     s.warmup = a.warmup if a.warmup is not None else s.warmup
     s.quick = a.quick
     s.skip = {b: r for b, r in skip.items() if b in s.backends}
+    for name in ("ort_threads", "ort_profile"):
+        if getattr(a, name) < 0:
+            raise BenchError(f"--{name.replace('_', '-')}: expected 0 or a positive number, got {getattr(a, name)}")
+    s.ort_threads, s.ort_profile = a.ort_threads, a.ort_profile
     return s
 
 
@@ -1028,6 +1095,11 @@ def main(argv=None) -> int:
         paths["results"] = str(refresh_results_block(RESULTS_MD, pathlib.Path(paths["md"]).read_text()))
     print()
     print(format_table(result))
+    for key, prof in result.get("ort_profiles", {}).items():
+        print(f"\nONNX Runtime profile {key} ({prof['runs']} calls, threads {prof['threads'] or 'default'}): "
+              f"kernel time {prof['kernel_ms']:.2f} ms per call")
+        for o in prof["ops"][:12]:
+            print(f"  {o['op']:<24}{o['ms']:>9.2f} ms {o['nodes']:>5} nodes {100 * o['share']:>6.1f} %")
     if old is not None:
         print(f"\ncompared with {a.compare} (latency ratio new/old; < 1 is faster):")
         for c in result["compare"]["rows"]:

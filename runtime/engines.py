@@ -191,6 +191,28 @@ _ORT_PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"],
                   "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
+def ort_session_options(threads: int = 0, profile_prefix: Optional[str] = None):
+    """The ONNX Runtime session settings of every ORT path here (OrtEngine, the benchmark's ORT
+    rows), so a benchmark measures what a deployment runs:
+    - all graph optimisations (constant folding, Conv + BatchNorm/activation fusion, NCHWc
+      layout), said explicitly rather than relied on as the Python default;
+    - sequential execution (ORT_PARALLEL with two inter-op threads was ~2x slower on the 256 px
+      DVAD at batch 1);
+    - `threads`: intra-op threads; 0 = ONNX Runtime's default (one per physical core);
+    - `profile_prefix`: ONNX Runtime's per-node profiler on (JSON written by end_profiling()).
+    """
+    _require_ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
+    return so
+
+
 class OrtEngine(Engine):
     def __init__(self, path, backend: str = "ort-cpu", threads: int = 0, meta: Optional[dict] = None):
         _require_ort()
@@ -200,9 +222,7 @@ class OrtEngine(Engine):
         if providers[0] not in ort.get_available_providers():
             raise EngineError(f"{path}: backend {backend} needs ONNX Runtime's {providers[0]}, not in this "
                               f"install ({ort.get_available_providers()}); pip install onnxruntime-gpu")
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
+        so = ort_session_options(threads)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:

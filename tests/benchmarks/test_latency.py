@@ -14,7 +14,8 @@ from benchmarks import latency
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # padim as the benchmarked model keeps the ONNX export to seconds; dvad's takes a minute here
-    rc = latency.main(["--quick", "--model", "padim", "--size", "40", "--out", str(out), "--no-progress"])
+    rc = latency.main(["--quick", "--model", "padim", "--size", "40", "--out", str(out), "--no-progress",
+                       "--ort-threads", "1", "--ort-profile", "2"])
     assert rc == 0
     return out, json.loads((out / "latency.json").read_text())
 
@@ -137,6 +138,8 @@ def test_compare_cli_prints_ratios_against_an_earlier_run(quick_run, tmp_path):
     (["--batch", "0"], "--batch"),
     (["--precision", "fp8"], "--precision"),
     (["--device", "tpu"], "--device"),
+    (["--ort-threads", "-1"], "--ort-threads"),
+    (["--ort-profile", "-2"], "--ort-profile"),
 ])
 def test_bad_arguments_give_one_clear_error(argv, needle):
     a = latency.parse_args(argv)
@@ -150,3 +153,33 @@ def test_bad_checkpoint_is_one_clear_error(tmp_path, capsys):
     assert latency.main(["--ckpt", str(bad), "--quick", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--ckpt" in err and str(bad) in err
+
+
+def test_quick_run_uses_ort_threads_and_profiles_each_ort_row(quick_run):
+    _, res = quick_run
+    ort_row = next(r for r in res["rows"] if r["backend"] == "ort" and r["status"] == "ok")
+    assert "1 intra-op thread(s)" in ort_row["notes"]
+    prof = res["ort_profiles"]["ort/fp32/b1"]
+    assert prof["runs"] == 2 and prof["threads"] == 1 and prof["kernel_ms"] > 0
+    assert sum(o["share"] for o in prof["ops"]) == pytest.approx(1.0)
+    assert sum(o["ms"] for o in prof["ops"]) == pytest.approx(prof["kernel_ms"])
+
+
+def test_ort_op_profile_counts_the_graphs_nodes_per_call(tmp_path):
+    """A hand-made graph (3 Exp, 1 Mul): per-call node counts and op types come out exact, so
+    warm-up calls are excluded and times are per call."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Exp", ["x"], ["a"]), helper.make_node("Exp", ["a"], ["b"]),
+             helper.make_node("Mul", ["b", "x"], ["c"]), helper.make_node("Exp", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 4096])])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    x = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32) * 0.1
+    prof = latency.ort_op_profile(path, x, runs=4, threads=1)
+    assert {o["op"]: o["nodes"] for o in prof["ops"]} == {"Exp": 3, "Mul": 1}
+    assert prof["ops"][0]["op"] == "Exp"          # 3 passes over the tensor vs 1
+    assert all(o["ms"] > 0 for o in prof["ops"])

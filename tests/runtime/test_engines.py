@@ -171,3 +171,21 @@ def test_jit_plugin_engines_register_the_plugin_before_loading():
         assert "m.engine" in str(e.value) and "JIT SelectiveScan plugin" in str(e.value)
     else:
         assert _register_plugin_for({"export": {"plugin_form": "jit"}}, "m.engine") in ("jit", "aot")
+
+
+def test_ort_engine_session_settings_and_threads(onnx_artifact, torch_engine):
+    """OrtEngine's session is built by ort_session_options (the settings the latency benchmark
+    uses too); a 1-thread engine gives the same answers as the default one."""
+    import onnxruntime as ort
+
+    from runtime.engines import ort_session_options
+
+    so = ort_session_options(3)
+    assert so.intra_op_num_threads == 3 and not so.enable_profiling
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    one = OrtEngine(onnx_artifact, threads=1)
+    assert one.session.get_session_options().intra_op_num_threads == 1
+    f = _frames(2, 11)
+    _close(one.infer(f), torch_engine.infer(f))
+    _close(one.infer(f), load_engine(onnx_artifact).infer(f))
