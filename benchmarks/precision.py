@@ -231,6 +231,8 @@ def run_precision(ckpt, data, *, precisions: Sequence[str] = PRECISIONS, limit: 
 
 
 def _pi(info: Optional[dict]) -> str:
+    if info and "fp16_nodes" in info:
+        return f"mixed fp16: {info['fp16_nodes']} nodes fp16, {info['kept_fp32_nodes']} kept fp32 (scan, tail)"
     if not info or "method" not in info:
         return ""
     keep = ",".join(info.get("keep_fp32") or []) or "-"

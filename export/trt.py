@@ -21,8 +21,9 @@ Steps:
    Conv/Gemm/MatMul, calibrated on normal images (`--calib DIR`, 64 by default), scan sub-graph,
    pre/post tail and batched MatMuls excluded, min-max activation ranges. Ops that stay fp32 read
    the original fp32 tensor, not the int8-rounded copy onnxruntime wires them to by default
-   (`--int8-fp32-consumers fp32`): on the magnetic tile DVAD that alone took INT8 from -1.2 / -2.4
-   to -0.5 / -0.5 points of image / pixel AUROC (benchmarks/precision.py, RESULTS.md section 3).
+   (`--int8-fp32-consumers fp32`): on the magnetic tile DVAD (128 px) that alone took INT8 from
+   -1.2 / -2.4 to -0.5 / -0.5 points of image / pixel AUROC on a 300-image subset, -0.7 / -0.4 on
+   the full test set (benchmarks/precision.py; RESULTS.md section 3).
    All choices are recorded in the artifact's metadata (export.precision_info).
    The reduced-precision ONNX is an artifact of its own (sidecar + metadata) and goes through
    the parity gate in ONNX Runtime on CPU with that precision's tolerances.

@@ -91,7 +91,7 @@ def test_int8_options_reach_the_graph_and_the_report(setup):
     md = (out / "precision.md").read_text()
     table = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert len(table) == 2 + 3 and len({ln.count("|") for ln in table}) == 1
-    assert "percentile p99.9" in md and "Command: `python benchmarks/precision.py --ckpt" in md
+    assert "percentile p99.9" in md and "mixed fp16:" in md and "Command: `python benchmarks/precision.py --ckpt" in md
 
 
 def test_missing_inputs_are_one_clear_error(setup, tmp_path, capsys):
