@@ -379,7 +379,8 @@ def entropy_ranges(src, calib_frames: np.ndarray, op_types, bins=ENTROPY_BINS) -
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     with tempfile.TemporaryDirectory(prefix="edge_ad_calib_") as d:
-        cal = create_calibrator(pathlib.Path(src), list(op_types), augmented_model_path=str(pathlib.Path(d) / "aug.onnx"),
+        cal = create_calibrator(pathlib.Path(src), list(op_types),
+                                augmented_model_path=str(pathlib.Path(d) / "aug.onnx"),
                                 calibrate_method=CalibrationMethod.Entropy,
                                 extra_options={"symmetric": True, "num_bins": bins[0], "num_quantized_bins": bins[1]})
         cal.collect_data(_FramesReader(calib_frames))
@@ -436,9 +437,9 @@ def quantize_int8(src, dst, calib_frames: np.ndarray, method: str = "minmax", *,
         with contextlib.redirect_stdout(io.StringIO()):      # the calibrators print their progress
             if method == "entropy":
                 inits = {i.name for i in model.graph.initializer}
-                extra["TensorQuantOverrides"] = {
-                    k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                    for k, (lo, hi) in entropy_ranges(src, calib_frames, quant_ops).items() if k not in inits and hi > lo}
+                ranges = entropy_ranges(src, calib_frames, quant_ops)
+                extra["TensorQuantOverrides"] = {k: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                                 for k, (lo, hi) in ranges.items() if k not in inits and hi > lo}
             quantize_static(str(src), str(dst), _FramesReader(calib_frames), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(quant_ops), per_channel=per_channel,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,

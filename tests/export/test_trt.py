@@ -257,3 +257,19 @@ def test_cli_flags_reach_the_metadata_and_sidecar(onnx_chunked, tiny_ckpt, tmp_p
         T.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--precision", "int8",
                 "--calib-method", "kl", "--dry-run"])
     assert e.value.code == 2 and "--calib-method: invalid choice: 'kl'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bins,nq,seed", [(512, 128, 0), (301, 64, 1)])
+def test_kl_threshold_equals_onnxruntime_search(bins, nq, seed):
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.standard_t(3, 5000) * rng.uniform(0.2, 2), rng.normal(0, 15, 40)])
+    m = float(np.abs(x).max())
+    hist, edges = np.histogram(x, bins=bins, range=(-m, m))
+    edges = edges.astype(np.float32)
+    lo, hi = np.float32(x.min()), np.float32(x.max())
+    ref = HistogramCollector("entropy", True, bins, nq, None, None).get_entropy_threshold((hist, edges, lo, hi), nq)
+    got = T.kl_threshold(hist, edges, nq)
+    assert (max(got[0], lo), min(got[1], hi)) == (ref[0], ref[1])
+    assert -m < got[0] < 0 < got[1] < m          # clipped: narrower than min-max on heavy tails
