@@ -286,6 +286,10 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
         if resume and state_path is not None and state_path.is_file():
             blob = _load_state(state_path, model, cfg)
             net.load_state_dict(blob["model_state"])
+            if net.preprocess != pp:   # e.g. a zoo state saved before the encoder-normalisation fix
+                raise TrainError(f"{state_path}: saved with another input normalisation (mean "
+                                 f"{net.preprocess.mean}, std {net.preprocess.std}; this run uses mean "
+                                 f"{pp.mean}, std {pp.std}); delete it to start over")
             opt.load_state_dict(blob["optim_state"])
             start_epoch = int(blob["epoch"])
             history = [float(v) for v in blob["loss_history"]]

@@ -182,3 +182,27 @@ def test_statistics_models_are_fitted_by_train(synth):
     assert s["images_seen"] == s["train_images"] and model.score_stats.n_images == s["val_images"]
     pr = _test_scores(model, synth)
     assert np.std(pr["scores"]) > 0
+
+
+def test_resume_refuses_a_state_saved_with_another_normalisation(tmp_path):
+    """A zoo state written before the encoder-normalisation fix (no `legacy_imagenet_norm`
+    buffer: the model then keeps ImageNet mean/std) must not silently resume on data normalised
+    the new way."""
+    from models import adapted_moe as A
+
+    root = generate_dataset(tmp_path / "d", classes=("texture",), n_train=8, n_test_good=2, n_test_defect=2,
+                            size=64, seed=1, defects=("scratch",))
+    cfg = A.AdaptedMoEConfig.tiny(input_size=64).to_dict()
+    out = tmp_path / "m.pt"
+    train(root, model="adapted_moe", epochs=1, out=out, batch_size=4, config=cfg, **QUIET)
+    state_path = tmp_path / "m.pt.state"
+    blob = torch.load(state_path, map_location="cpu", weights_only=True)
+    assert "legacy_imagenet_norm" in blob["model_state"]
+    # the same state resumes fine ...
+    train(root, model="adapted_moe", epochs=2, out=out, batch_size=4, config=cfg, resume=True, **QUIET)
+    # ... but not once it looks like a pre-fix one
+    blob = torch.load(state_path, map_location="cpu", weights_only=True)
+    del blob["model_state"]["legacy_imagenet_norm"]
+    torch.save(blob, state_path)
+    with pytest.raises(TrainError, match="another input normalisation"):
+        train(root, model="adapted_moe", epochs=3, out=out, batch_size=4, config=cfg, resume=True, **QUIET)
