@@ -345,7 +345,11 @@ class OrtRunner(Runner):
             self.notes.append(f"exported by {_export_onnx(self.model, self.size, fp32)}")
         path = fp32
         if self.precision == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+            # the deployed INT8 artifact: export.trt's explicit Q/DQ graph (static ranges); the
+            # benchmark has no normal images, so it calibrates on seeded random textures - fine for
+            # speed, not for accuracy (benchmarks/precision.py measures that on real data)
+            from export.check import random_frames
+            from export.trt import quantize_int8
 
             path = self.workdir / "model.int8.onnx"
             if not path.is_file():
@@ -353,11 +357,11 @@ class OrtRunner(Runner):
                 level = root.level
                 root.setLevel(logging.ERROR)   # the quantiser logs each tensor it leaves in float
                 try:
-                    quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+                    quantize_int8(fp32, path, random_frames(16, (self.size, self.size), 3, 0))
                 finally:
                     root.setLevel(level)
-            self.notes.append("int8: onnxruntime dynamic quantisation (int8 weights, activations "
-                              "quantised at run time), uncalibrated")
+            self.notes.append("int8: export.trt's static Q/DQ graph (min-max, per-channel), calibrated "
+                              "on 16 seeded random textures: a speed figure (accuracy: benchmarks/precision.py)")
         self.artifact = str(path)
         from runtime.engines import ort_session_options
 

@@ -15,7 +15,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # padim as the benchmarked model keeps the ONNX export to seconds; dvad's takes a minute here
     rc = latency.main(["--quick", "--model", "padim", "--size", "40", "--out", str(out), "--no-progress",
-                       "--ort-threads", "1", "--ort-profile", "2"])
+                       "--ort-threads", "1", "--ort-profile", "2", "--precision", "fp32,int8"])
     assert rc == 0
     return out, json.loads((out / "latency.json").read_text())
 
@@ -36,7 +36,7 @@ def test_quick_json_has_every_field_for_each_backend_it_ran(quick_run):
         assert r["host_infer_peak_mib"] is not None and r["host_mem_method"] != "unavailable"
         assert set(r["stages_ms"]) == set(latency.STAGES) and r["stages_ms"]["infer"] > 0
         assert r["stages_note"]
-    by = {r["backend"]: r for r in ok}
+    by = {r["backend"]: r for r in ok if r["precision"] == "fp32"}
     assert all(by["torch"]["stages_ms"][s] is not None for s in latency.STAGES)
     # exported graph reproduces the eager scores of the same frames
     assert by["ort"]["score_max_abs_diff"] < 1e-3
@@ -51,7 +51,7 @@ def test_quick_lists_what_did_not_run_with_a_reason(quick_run):
     for r in rows:
         if r["status"] != "ok":
             assert isinstance(r["reason"], str) and len(r["reason"]) > 10, r
-    by = {r["backend"]: r for r in rows}
+    by = {r["backend"]: r for r in rows if r["precision"] == "fp32"}
     assert "--device cpu" in by["ort-cuda"]["reason"] or "CUDA" in by["ort-cuda"]["reason"]
     assert "--quick" in by["compile"]["reason"]
     import importlib.util
@@ -183,3 +183,15 @@ def test_ort_op_profile_counts_the_graphs_nodes_per_call(tmp_path):
     assert {o["op"]: o["nodes"] for o in prof["ops"]} == {"Exp": 3, "Mul": 1}
     assert prof["ops"][0]["op"] == "Exp"          # 3 passes over the tensor vs 1
     assert all(o["ms"] > 0 for o in prof["ops"])
+
+
+def test_ort_int8_row_runs_the_static_qdq_graph_of_export_trt(quick_run):
+    """The INT8 row benchmarks the deployed INT8 artifact (explicit Q/DQ with static ranges, as
+    `export.trt --precision int8` writes it) and stays close to the fp32 scores."""
+    _, res = quick_run
+    rows = [r for r in res["rows"] if r["backend"] == "ort" and r["precision"] == "int8"]
+    assert len(rows) == 1 and rows[0]["status"] == "ok", rows
+    assert "static Q/DQ" in rows[0]["notes"], rows[0]["notes"]
+    fp32 = next(r for r in res["rows"] if r["backend"] == "ort" and r["precision"] == "fp32")
+    # int8 rounding moves the scores a little (not 0); a broken graph moves them a lot
+    assert fp32["score_max_abs_diff"] < rows[0]["score_max_abs_diff"] < 0.05   # measured 3e-4
