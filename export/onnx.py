@@ -181,6 +181,12 @@ def export_onnx(ckpt, out=None, *, batch="dynamic", opset: Optional[int] = None,
                 else "<model object>")
             embed_onnx_metadata(mp, meta)
             onnx.save(mp, str(path))
+            # the exporter may have written the weights beside the graph (model.onnx.data); they are
+            # inline now, so that file is a stale 2nd copy nobody reads: remove it
+            stale = path.with_name(path.name + ".data")
+            if stale.is_file() and not any(i.data_location == onnx.TensorProto.EXTERNAL
+                                           for i in mp.graph.initializer):
+                stale.unlink()
             side = write_sidecar(path, meta)
         res = OnnxExport(path, side, meta, node_count=len(mp.graph.node), size_bytes=path.stat().st_size)
         if check:

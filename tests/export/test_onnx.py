@@ -34,6 +34,8 @@ def test_cli_writes_artifact_sidecar_and_reports(onnx_chunked):
     assert path.is_file() and sidecar_path(path).is_file()
     assert f"wrote {path}" in stdout and f"wrote {sidecar_path(path)}" in stdout
     assert "parity PASSED" in stdout and "scan=chunked" in stdout
+    # the graph carries its weights inline: no stale external-data copy left beside it
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.json"]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
