@@ -348,17 +348,22 @@ def _chunked_ort(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     for t in range(1, chunk):
         h = xs[t] + gs[t] * h
         ys.append((h * Cs[t]).sum(2))
-    y = torch.stack(ys, -1).reshape(batch, dim, nc * chunk)
-    if pad:
+    y = _finish(torch.stack(ys, -1).reshape(batch, dim, nc * chunk), u, D, z, length, acc, dtype_in)
+    if return_last_state:
+        return y, h[..., -1].transpose(2, 3).reshape(batch, dim, n)
+    return y
+
+
+def _finish(y, u, D, z, length, acc, dtype_in):
+    """Common tail of the chunked forms: drop the padded steps, add the D skip, gate by silu(z),
+    cast back to the input dtype."""
+    if y.shape[-1] != length:
         y = y[..., :length]
     if D is not None:
         y = y + u * D.to(acc)[:, None]
     if z is not None:
         y = y * F.silu(z.to(acc))
-    y = y.to(dtype_in)
-    if return_last_state:
-        return y, h[..., -1].transpose(2, 3).reshape(batch, dim, n)
-    return y
+    return y.to(dtype_in)
 
 
 def _chunked_inductor(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -396,13 +401,7 @@ def _chunked_inductor(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     carry = F.pad(ends[..., :-1, :], (0, 0, 1, 0))
     y = torch.stack([y_loc[t] + (torch.exp(S[t] * A5) * carry * Cs[t]).sum(-1)
                      for t in range(chunk)], -1).reshape(batch, dim, nc * chunk)
-    if pad:
-        y = y[..., :length]
-    if D is not None:
-        y = y + u * D.to(acc)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(acc))
-    y = y.to(dtype_in)
+    y = _finish(y, u, D, z, length, acc, dtype_in)
     if return_last_state:
         return y, ends[..., -1, :].reshape(batch, dim, n)
     return y
