@@ -430,7 +430,9 @@ def quantize_int8(src, dst, calib_frames: np.ndarray, method: str = "minmax", *,
     exclude = sorted(fixed | kept | batched)
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
           "entropy": CalibrationMethod.MinMax}[method]     # entropy: ranges given as overrides below
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    # biases stay float: onnxruntime would store them as int32 behind a DequantizeLinear, which
+    # TensorRT's Q/DQ layers do not take (INT8/FP8/INT4 only); TensorRT fuses a float bias itself
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
     if method == "percentile":
         extra["CalibPercentile"] = float(percentile)
     try:
@@ -459,7 +461,8 @@ def quantize_int8(src, dst, calib_frames: np.ndarray, method: str = "minmax", *,
     info = {"quantize_nodes": n_q, "quantized_nodes": len(quantized), "excluded_nodes": len(exclude),
             "calib_frames": int(len(calib_frames)), "method": method, "per_channel": bool(per_channel),
             "quant_ops": list(quant_ops), "keep_fp32": list(keep_fp32), "fp32_consumers": fp32_consumers,
-            "rerouted_inputs": moved, "batched_matmul_kept": len(batched), "symmetric": True}
+            "rerouted_inputs": moved, "batched_matmul_kept": len(batched), "symmetric": True,
+            "bias": "fp32"}
     if method == "percentile":
         info["percentile"] = float(percentile)
     if method == "entropy":

@@ -273,3 +273,41 @@ def test_kl_threshold_equals_onnxruntime_search(bins, nq, seed):
     got = T.kl_threshold(hist, edges, nq)
     assert (max(got[0], lo), min(got[1], hi)) == (ref[0], ref[1])
     assert -m < got[0] < 0 < got[1] < m          # clipped: narrower than min-max on heavy tails
+
+
+def test_int8_keeps_biases_float_for_tensorrt(tmp_path):
+    """onnxruntime's quantiser stores a quantised Conv's bias as int32 behind a DequantizeLinear by
+    default; TensorRT's Q/DQ layers take INT8 / FP8 / INT4 only, so the INT8 graph keeps biases
+    float: every DequantizeLinear of a constant reads int8 and the compatibility check is clean."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.trt_compat import check_trt_compat
+
+    rng = np.random.default_rng(5)
+    w1, b1 = rng.normal(size=(6, 3, 3, 3)).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    w2, b2 = rng.normal(size=(4, 6, 3, 3)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["frames"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Transpose", ["f"], ["x"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("ReduceMean", ["c2"], ["score"], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("frames", TensorProto.UINT8, [None, 13, 11, 3])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))])
+    src = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    frames = rng.integers(0, 256, (6, 13, 11, 3), dtype=np.uint8)
+    info = T.quantize_int8(src, tmp_path / "q.onnx", frames)
+    assert info["bias"] == "fp32" and info["quantized_nodes"] == 2
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    dq = [inits[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert dq and all(t.data_type == TensorProto.INT8 for t in dq), \
+        sorted({TensorProto.DataType.Name(t.data_type) for t in dq})
+    assert {n.input[2] for n in m.graph.node if n.op_type == "Conv"} == {"b1", "b2"}   # the float biases
+    assert not [w for w in check_trt_compat(m, "x86").warnings if "zero point" in w.message]
+    ref, got = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"frames": frames})[0]
+                for p in (src, tmp_path / "q.onnx")]
+    assert 0 < np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
