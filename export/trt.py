@@ -19,7 +19,8 @@ Steps:
    the pre-processing and the anomaly-map tail stay fp32.
    int8: explicit symmetric Q/DQ (onnxruntime.quantization, static, per-channel weights) on
    Conv/Gemm/MatMul, calibrated on normal images (`--calib DIR`, 64 by default), scan sub-graph,
-   pre/post tail and batched MatMuls excluded, min-max activation ranges. Ops that stay fp32 read
+   pre/post tail and batched MatMuls excluded, min-max activation ranges, biases left float
+   (TensorRT's Q/DQ layers take INT8/FP8/INT4, not onnxruntime's int32 biases). Ops that stay fp32 read
    the original fp32 tensor, not the int8-rounded copy onnxruntime wires them to by default
    (`--int8-fp32-consumers fp32`): on the magnetic tile DVAD (128 px) that alone took INT8 from
    -1.2 / -2.4 to -0.5 / -0.5 points of image / pixel AUROC on a 300-image subset, -0.7 / -0.4 on
