@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .selective_scan import selective_scan
+
 
 def make_scan_inputs(batch=2, dim=6, length=37, n=5, groups=2, *, seed=0, dtype=torch.float32,
                      device="cpu", with_D=True, with_z=True, with_bias=True, softplus=True,
@@ -40,3 +42,17 @@ def make_scan_inputs(batch=2, dim=6, length=37, n=5, groups=2, *, seed=0, dtype=
 
 def to_double(kw):
     return {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+
+
+class TwoScans(torch.nn.Module):
+    """Two chained scans for export tests: the first with every option (D skip, z gate, delta
+    bias, softplus), the second with none, so an exported graph carries both node variants."""
+
+    def __init__(self, A, D, bias):
+        super().__init__()
+        self.A, self.D, self.bias = (torch.nn.Parameter(t) for t in (A, D, bias))
+
+    def forward(self, u, delta, B, C, z):
+        y1 = selective_scan(u, delta, self.A, B, C, self.D, z, self.bias, delta_softplus=True)
+        y2 = selective_scan(y1, delta, self.A, B, C)  # no D / z / bias, no softplus
+        return y1, y2

@@ -15,8 +15,8 @@ import torch
 
 import kernels
 from export import trt_plugin
-from kernels import onnx_plugin, selective_scan, selective_scan_ref
-from kernels.testing import make_scan_inputs, to_double
+from kernels import onnx_plugin, selective_scan_ref
+from kernels.testing import TwoScans, make_scan_inputs, to_double
 
 
 @pytest.mark.parametrize("version,api,triton_problem,jit,aot,reason", [
@@ -55,17 +55,6 @@ def test_annotations_stay_classes():
 
 
 # ---- the AOT launch, emulated on CPU ------------------------------------------------------------
-class TwoScans(torch.nn.Module):
-    def __init__(self, A, D, bias):
-        super().__init__()
-        self.A, self.D, self.bias = (torch.nn.Parameter(t) for t in (A, D, bias))
-
-    def forward(self, u, delta, B, C, z):
-        y1 = selective_scan(u, delta, self.A, B, C, self.D, z, self.bias, delta_softplus=True)
-        y2 = selective_scan(y1, delta, self.A, B, C)  # no D / z / bias / softplus
-        return y1, y2
-
-
 @pytest.fixture(scope="module")
 def plugin_graph():
     """A two-scan plugin graph exported with aot=1, its inputs and float64 reference outputs.

@@ -8,18 +8,7 @@ import torch
 
 import kernels
 from kernels import onnx_plugin, selective_scan, selective_scan_ref
-from kernels.testing import make_scan_inputs, to_double
-
-
-class TwoScans(torch.nn.Module):
-    def __init__(self, A, D, bias):
-        super().__init__()
-        self.A, self.D, self.bias = (torch.nn.Parameter(t) for t in (A, D, bias))
-
-    def forward(self, u, delta, B, C, z):
-        y1 = selective_scan(u, delta, self.A, B, C, self.D, z, self.bias, delta_softplus=True)
-        y2 = selective_scan(y1, delta, self.A, B, C)  # no D / z / bias, no softplus
-        return y1, y2
+from kernels.testing import TwoScans, make_scan_inputs, to_double
 
 
 @pytest.fixture(scope="module")
