@@ -56,6 +56,7 @@ def load_test_set(data, size: int, channels: Optional[int] = None, limit: int = 
     import cv2
     from tqdm import tqdm
 
+    from export.check import read_frame
     from models.data import DataError, scan_mvtec
 
     root = pathlib.Path(data)
@@ -79,12 +80,10 @@ def load_test_set(data, size: int, channels: Optional[int] = None, limit: int = 
         channels = 1 if first.ndim == 2 or first.shape[2] == 1 else 3
     frames, masks, labels = [], [], []
     for s in tqdm(samples, desc="test images", unit="img", disable=not progress):
-        img = cv2.imread(str(s.path), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-        if img is None:
-            raise BenchError(f"--data: {s.path} cannot be decoded as an image")
-        if channels == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        frames.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).reshape(size, size, channels))
+        try:
+            frames.append(read_frame(s.path, (size, size), channels))
+        except ValueError as e:
+            raise BenchError(f"--data: {e}") from None
         if s.mask_path is not None:
             mk = cv2.imread(str(s.mask_path), cv2.IMREAD_GRAYSCALE)
             if mk is None:

@@ -124,7 +124,8 @@ def _list_images(folder: pathlib.Path) -> List[pathlib.Path]:
                   and "ground_truth" not in p.parts and not p.stem.endswith("_mask"))
 
 
-def _read_frame(path: pathlib.Path, frame_hw, channels: int) -> np.ndarray:
+def read_frame(path, frame_hw, channels: int) -> np.ndarray:
+    """One uint8 frame (H, W, C) as the deployed graph takes it: gray or RGB, INTER_AREA resize."""
     import cv2
 
     img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
@@ -147,7 +148,7 @@ def load_frames(images, n: int, frame_hw, channels: int) -> Tuple[np.ndarray, st
     if not files:
         raise ValueError(f"images: no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     idx = np.linspace(0, len(files) - 1, num=min(n, len(files))).round().astype(int)
-    frames = np.stack([_read_frame(files[i], frame_hw, channels) for i in idx])
+    frames = np.stack([read_frame(files[i], frame_hw, channels) for i in idx])
     return frames, f"{len(idx)} images from {folder}"
 
 
