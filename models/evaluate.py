@@ -1,7 +1,11 @@
 """Evaluate a checkpoint on the test split of MVTec-layout data: metrics, JSON, PNG overlays.
 
     python -m models.evaluate --ckpt model.pt --data DIR [--classes a,b] [--out DIR]
-        [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu] [--threads N]
+        [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu] [--threads N] [--val-synthetic]
+
+--val-synthetic scores the validation set of `models.validation` (the checkpoint's held-out normal
+training images plus synthetic defects pasted onto copies of them) instead of test/: choose recipes
+there, and run the test split once per recipe you report.
 
 Library: `evaluate(ckpt_or_model, data, out_dir=None, ...) -> result dict`
     {"per_class": {name: {metric: value}}, "mean": {...}, "table": str, "n_images": int,
@@ -61,28 +65,23 @@ def render_overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.nd
     return row
 
 
-def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, workers: int = 0,
-             n_overlays: int = 4, device: str = "cpu", progress: bool = True) -> dict:
-    """Score the test split of `data` with a checkpoint (path) or a loaded model.
+def score_dataset(model, ds, batch_size: int = 8, workers: int = 0, device: str = "cpu",
+                  progress: bool = True, desc: str = "evaluating"):
+    """Score every item of `ds` (dicts with image, mask, label, class_id, index) -> (metrics result
+    of `MetricAccumulator.compute` over `ds.class_names`, scores, labels, indices as numpy arrays).
 
-    Maps are streamed into the metric accumulator batch by batch (memory does not grow with the
-    number of images); the few overlay images are scored again at the end.
-    """
+    Maps are streamed into the accumulator batch by batch (memory does not grow with the number of
+    images)."""
     from tqdm import tqdm
 
-    from .data import AnomalyDataset, scan_mvtec
-    from .metrics import MetricAccumulator, format_table, jsonable
+    from .metrics import MetricAccumulator
 
-    model = load_checkpoint(ckpt) if isinstance(ckpt, (str, pathlib.Path)) else ckpt
     model = model.to(device).eval()
-    pp = model.preprocess
-    samples, names = scan_mvtec(data, classes, "test")
-    ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
     acc = MetricAccumulator()
     scores, labels, indices = [], [], []
     with torch.no_grad():
-        for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
             amap, score = model(batch["image"].to(device))
             s = score.float().cpu().numpy().astype(np.float64)
             lab = np.asarray(batch["label"])
@@ -91,10 +90,37 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
             scores.append(s)
             labels.append(lab)
             indices.append(np.asarray(batch["index"]))
-    scores, labels, indices = np.concatenate(scores), np.concatenate(labels), np.concatenate(indices)
-    res = acc.compute(class_names=names)
+    res = acc.compute(class_names=ds.class_names)
+    return res, np.concatenate(scores), np.concatenate(labels), np.concatenate(indices)
+
+
+def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, workers: int = 0,
+             n_overlays: int = 4, device: str = "cpu", progress: bool = True, val_synthetic: bool = False) -> dict:
+    """Score the test split of `data` with a checkpoint (path) or a loaded model.
+
+    With `val_synthetic`, score the validation set of `models.validation` instead (held-out normal
+    training images + synthetic defects on copies of them): what recipes are chosen on, never the
+    test split. The few overlay images are scored again at the end.
+    """
+    from .data import AnomalyDataset, scan_mvtec
+    from .metrics import format_table, jsonable
+
+    model = load_checkpoint(ckpt) if isinstance(ckpt, (str, pathlib.Path)) else ckpt
+    model = model.to(device).eval()
+    pp = model.preprocess
+    if val_synthetic:
+        from .validation import validation_dataset
+
+        train_meta = (getattr(model, "checkpoint_meta", None) or {}).get("extra", {}).get("train", {})
+        ds = validation_dataset(data, pp, classes, val_fraction=train_meta.get("val_fraction", 0.1),
+                                seed=train_meta.get("seed", 0), id_names=model.class_names or None)
+    else:
+        samples, names = scan_mvtec(data, classes, "test")
+        ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
+    res, scores, labels, indices = score_dataset(model, ds, batch_size, workers, device, progress)
     res["table"] = format_table(res)
     res["n_images"] = int(len(ds))
+    res["split"] = "validation (held-out normal + synthetic defects)" if val_synthetic else "test"
     st = model.score_stats
     pred = scores >= st.threshold
     y = labels == 1
@@ -148,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--overlays", type=int, default=4, help="images per worst/best x good/defect group")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--val-synthetic", action="store_true",
+                    help="score the validation set (held-out train/good + synthetic defects) instead of test/")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.threads:
@@ -156,7 +184,7 @@ def main(argv=None) -> int:
     from .data import DataError
     try:
         res = evaluate(a.ckpt, a.data, a.out, a.classes, a.batch_size, a.workers, a.overlays, a.device,
-                       progress=not a.no_progress)
+                       progress=not a.no_progress, val_synthetic=a.val_synthetic)
     except (CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ Two uses:
         <out>/<class>/ground_truth/<defect>/000_mask.png      (0 / 255, exact)
   * `render_sample(kind, size, rng, defect=None)` returns one image + mask in memory (numpy),
     e.g. for a streaming / camera simulator.
+  * `paste_defect(image, defect, rng, opacity)` draws a defect onto a real image (the validation
+    set of `models.validation`: synthetic defects on held-out normal training images).
 
 Classes ("kinds"):
   texture  gray smoothed noise (written as 1-channel PNG: exercises the gray input path)
@@ -226,6 +228,34 @@ def render_sample(kind: str, size: int = 128, rng: Optional[np.random.Generator]
     if defect is not None:
         mask = _defect_mask(defect, rng, size, region)
         _apply_defect(img, defect, mask, rng, kind)
+    out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return out, mask.astype(np.uint8)
+
+
+def paste_defect(image: np.ndarray, defect: str, rng: np.random.Generator, opacity: float = 1.0
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """Draw synthetic defect `defect` onto a copy of a real square image (e.g. a held-out normal tile).
+
+    image: uint8 (S, S, 3) RGB (a gray image has three equal channels and gets the gray defects);
+    opacity in (0, 1]: the defect is alpha-blended over the original pixels (low values give faint,
+    low-contrast defects). Returns (image uint8 (S, S, 3), mask uint8 (S, S) in {0, 1}); outside the
+    mask the image is unchanged.
+    """
+    _check_defect(defect)
+    if defect is None:
+        raise ValueError("paste_defect needs a defect type")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1] or image.dtype != np.uint8:
+        raise ValueError(f"paste_defect: expected a square uint8 (S, S, 3) image, got {image.dtype} {image.shape}")
+    if not 0.0 < opacity <= 1.0:
+        raise ValueError(f"paste_defect: opacity must be in (0, 1], got {opacity}")
+    size = image.shape[0]
+    gray = bool((image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 1] == image[:, :, 2]).all())
+    kind = "texture" if gray else "fabric"
+    base = image.astype(np.float32)
+    img = base.copy()
+    mask = _defect_mask(defect, rng, size, None)
+    _apply_defect(img, defect, mask, rng, kind)
+    img[mask] = (1.0 - opacity) * base[mask] + opacity * img[mask]
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return out, mask.astype(np.uint8)
 

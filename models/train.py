@@ -4,7 +4,7 @@
         [--batch-size 8] [--lr LR] [--workers 0] [--seed 0] [--resume] [--preset paper]
         [--config '{"d_state": 16}' | --config d_state=16 --config scan=hilbert8 | --config cfg.json]
         [--val-fraction 0.1] [--far 0.01] [--val-data DIR] [--device cpu] [--threads N]
-        [--cache-gb 2] [--summary summary.json] [--no-progress]
+        [--cache-gb 2] [--summary summary.json] [--no-progress] [--no-validate]
 
 Library: `train(data, ...) -> (model, summary)`.
 
@@ -26,6 +26,9 @@ What it does
     whose test/ split has labelled defects, the F1-optimal threshold over those plus the held-out
     normals instead. low = median normal score; map_low = median normal map value; map_threshold =
     threshold (a pixel above it is exactly what makes the image score - its max - exceed it).
+  * validation (unless --no-validate): the test metrics on the held-out normal images plus synthetic
+    defects pasted onto copies of them (`models.validation`), in the summary's "validation" block -
+    what recipes are compared on; the test split is never touched here.
 """
 from __future__ import annotations
 
@@ -248,7 +251,7 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
           lr: Optional[float] = None, workers: int = 0, seed: int = 0, resume: bool = False,
           config: Optional[Dict[str, Any]] = None, preset: Optional[str] = None,
           val_fraction: float = 0.1, far: float = 0.01, val_data=None, device: str = "cpu",
-          cache_gb: float = 2.0, progress: bool = True, log=None):
+          cache_gb: float = 2.0, progress: bool = True, log=None, validate: bool = True):
     """Train, calibrate and (if `out`) save. Returns (model, summary dict)."""
     from .data import AnomalyDataset, make_datasets, scan_mvtec
 
@@ -267,7 +270,7 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
     log(f"{model}: {len(train_ds)} training / {len(val_ds)} held-out normal images, classes {names}")
 
     summary: Dict[str, Any] = dict(model=model, config=cfg, classes=list(names), epochs=epochs,
-                                   train_images=len(train_ds), val_images=len(val_ds),
+                                   train_images=len(train_ds), val_images=len(val_ds), val_fraction=val_fraction,
                                    batch_size=batch_size, seed=seed, device=device)
     params = net.trainable_parameters()
     state_path = _state_path(out)
@@ -366,6 +369,15 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
                      device, progress=progress, desc="calibrating (labelled)")
         lab_scores, lab_labels = pl["scores"], pl["labels"]
     net.score_stats = score_stats_from_scores(pv["scores"], far, lab_scores, lab_labels, pv["map_median"])
+    if validate and len(val_ds):
+        from .validation import validate as _validate
+
+        t0 = time.perf_counter()
+        summary["validation"] = _validate(net, val_ds, batch_size, workers, device, progress, seed=seed)
+        v = summary["validation"]
+        log(f"validation ({v['n_images']} images, held-out normal + synthetic defects, "
+            f"{time.perf_counter() - t0:.0f} s): I-AUROC {100 * v['image_auroc']:.1f}, "
+            f"P-AUROC {100 * v['pixel_auroc']:.1f}, AUPRO {100 * v['pixel_aupro']:.1f}")
     summary.update(
         final_loss=history[-1] if history else None, loss_history=history,
         train_time_s=train_time, cache_time_s=t_cache, images_seen=images_seen,
@@ -375,7 +387,7 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
         total_parameters=sum(p.numel() for p in net.parameters()))
     if out:
         save_checkpoint(net, out, extra={"train": {k: summary[k] for k in (
-            "epochs", "train_images", "val_images", "batch_size", "seed", "final_loss",
+            "epochs", "train_images", "val_images", "val_fraction", "batch_size", "seed", "final_loss",
             "train_time_s", "images_per_s")}})
         summary["checkpoint"] = str(out)
     return net, summary
@@ -403,6 +415,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-gb", type=float, default=2.0, help="memory budget for cached encoder features")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--summary", default=None, help="write the summary JSON here")
+    ap.add_argument("--no-validate", action="store_true",
+                    help="skip the validation metrics (held-out normal + synthetic defects) in the summary")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     from .checkpoint import CheckpointError
@@ -412,7 +426,8 @@ def main(argv=None) -> int:
     try:
         _, summary = train(a.data, a.classes, a.model, a.epochs, a.out, a.batch_size, a.lr, a.workers,
                            a.seed, a.resume, parse_config_overrides(a.config), a.preset, a.val_fraction,
-                           a.far, a.val_data, a.device, a.cache_gb, progress=not a.no_progress)
+                           a.far, a.val_data, a.device, a.cache_gb, progress=not a.no_progress,
+                           validate=not a.no_validate)
     except (TrainError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
