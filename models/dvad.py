@@ -98,6 +98,16 @@ class DVADConfig(ConfigBase):
     num_classes: int = 0                       # > 1: auxiliary class loss on the embedding
     cnn_kernels: Tuple[int, ...] = (5, 7)
     blur_sigma: float = 4.0
+    score_topk: float = 0.0                    # image score: map max (0) or mean of its top fraction
+    # training recipe (models.train reads epochs / schedule / warmup_epochs; see RESULTS.md for the
+    # ablations that chose them)
+    loss: str = "pixel"                        # "pixel" | "global" cosine (models.layers.cosine_loss)
+    hard_fraction: float = 0.0                 # hard mining: damp the gradient of the easiest fraction
+    hard_factor: float = 0.1
+    neck_dropout: float = 0.0                  # dropout on the encoder features entering the neck
+    epochs: int = 10
+    schedule: str = "step"                     # "step" | "cosine"
+    warmup_epochs: float = 0.0
     lr: float = 0.005                          # AdamW lr at batch 16 (scaled linearly with batch)
     weight_decay: float = 1e-4
 
@@ -125,6 +135,14 @@ class DVADConfig(ConfigBase):
             bad("input_size", ">= 32", self.input_size)
         if self.d_state < 1 or self.expand < 1:
             bad("d_state/expand", ">= 1", (self.d_state, self.expand))
+        if self.loss not in L.LOSSES:
+            bad("loss", f"one of {L.LOSSES}", self.loss)
+        if not 0.0 <= self.hard_fraction < 1.0 or not 0.0 <= self.neck_dropout < 1.0:
+            bad("hard_fraction/neck_dropout", "in [0, 1)", (self.hard_fraction, self.neck_dropout))
+        if not 0.0 <= self.score_topk <= 1.0:
+            bad("score_topk", "a fraction in [0, 1]", self.score_topk)
+        if self.schedule not in ("step", "cosine"):
+            bad("schedule", "'step' or 'cosine'", self.schedule)
 
     @classmethod
     def tiny(cls, **kw):
@@ -339,6 +357,7 @@ class DVAD(AnomalyModel):
                                     nn.Conv2d(dims[3], enc_ch[0], 1)])
         self.class_embed = (ClassEmbedding(enc_ch, c.class_embed_dim, c.num_classes)
                             if c.use_hyper and c.class_embed_dim > 0 else None)
+        self.neck_dropout = nn.Dropout(c.neck_dropout) if c.neck_dropout > 0 else None
         for mod in (self.neck, self.expands, self.stages, self.heads, self.class_embed):
             if mod is not None:
                 L.init_weights(mod)
@@ -361,6 +380,8 @@ class DVAD(AnomalyModel):
         """-> (reconstructions [r4, r8, r16] matching feats, class embedding (B, E) or None)."""
         e = self.class_embed(feats) if self.class_embed is not None else None
         sizes = [tuple(f.shape[-2:]) for f in feats]
+        if self.neck_dropout is not None:     # identity in eval mode (and in every export)
+            feats = [self.neck_dropout(f) for f in feats]
         z = self.neck(feats)
         outs = []
         for i in range(4):
@@ -376,11 +397,13 @@ class DVAD(AnomalyModel):
     def forward(self, x: torch.Tensor):
         feats = self.encode(x)
         recs, _ = self.decode(feats)
-        return L.cosine_anomaly_map(feats, recs, tuple(x.shape[-2:]), self.config.blur_sigma)
+        return L.cosine_anomaly_map(feats, recs, tuple(x.shape[-2:]), self.config.blur_sigma,
+                                    self.config.score_topk)
 
     def loss_from_features(self, feats, class_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c = self.config
         recs, e = self.decode(feats)
-        loss = L.cosine_loss(feats, recs)
+        loss = L.cosine_loss(feats, recs, c.loss, c.hard_fraction, c.hard_factor)
         if (class_id is not None and self.class_embed is not None
                 and self.class_embed.classifier is not None):
             loss = loss + 0.1 * F.cross_entropy(self.class_embed.classifier(e), class_id.long())

@@ -46,6 +46,7 @@ from .base import AnomalyModel, ConfigBase, PreprocessConfig, encoder_preprocess
 from .registry import register_model
 from . import encoders as _enc
 from .adapted_moe import iter_batches, patch_map
+from .memory import fill_rows, greedy_coreset, topk_similarity
 
 
 @dataclass
@@ -85,33 +86,6 @@ class FewShotConfig(ConfigBase):
                     search_trials=8, n_augment=1, blur_sigma=2.0)
         base.update(kw)
         return cls(**base)
-
-
-def greedy_coreset(x: torch.Tensor, n: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
-    """Indices of a greedy k-center coreset of n rows of x (N, D) (on a random projection)."""
-    N = x.shape[0]
-    if n >= N:
-        return torch.arange(N)
-    g = torch.Generator().manual_seed(seed)
-    z = x.float()
-    if dim and z.shape[1] > dim:
-        z = z @ (torch.randn(z.shape[1], dim, generator=g) / dim ** 0.5)
-    start = int(torch.randint(N, (1,), generator=g))
-    idx = [start]
-    dist = (z - z[start]).pow(2).sum(1)
-    for _ in range(n - 1):
-        j = int(dist.argmax())
-        idx.append(j)
-        dist = torch.minimum(dist, (z - z[j]).pow(2).sum(1))
-    return torch.tensor(idx)
-
-
-def _fill(bank: torch.Tensor, rows: int) -> torch.Tensor:
-    """Exactly `rows` rows: pad by repeating rows (duplicates never change a max / top-1)."""
-    if bank.shape[0] >= rows:
-        return bank[:rows]
-    reps = -(-rows // bank.shape[0])
-    return bank.repeat(reps, 1)[:rows]
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -180,8 +154,7 @@ class FewShot(AnomalyModel):
 
     def _sim(self, f, bank):
         """Mean of the top-knn cosine similarities of f (B, P, D) to bank (N, D): (B, P)."""
-        s = f @ bank.transpose(0, 1)
-        return torch.topk(s, self.config.knn, dim=-1).values.mean(-1)
+        return topk_similarity(f, bank, self.config.knn)
 
     def components(self, x, with_grid: bool = False):
         """Raw score components (B, 2S, P): [n_1..n_S, a_1..a_S] [, grid (h, w)]."""
@@ -265,8 +238,8 @@ class FewShot(AnomalyModel):
         for i in range(S):
             flat = feats_n[i].reshape(-1, self.dim).cpu()
             keep = greedy_coreset(flat, c.normal_memory, c.coreset_dim, c.seed + i)
-            nbank.append(_fill(flat[keep], c.normal_memory))
-            nsrc.append(_fill(src_all[keep][:, None].float(), c.normal_memory)[:, 0].long())
+            nbank.append(fill_rows(flat[keep], c.normal_memory))
+            nsrc.append(fill_rows(src_all[keep][:, None].float(), c.normal_memory)[:, 0].long())
         self.normal_bank.copy_(torch.stack(nbank).to(dev))
         # anomalous memory
         if anomalous:
@@ -279,7 +252,7 @@ class FewShot(AnomalyModel):
             for i in range(S):
                 rows = feats_a[i].cpu()[mgrid]
                 keep = greedy_coreset(rows, c.anomalous_memory, c.coreset_dim, c.seed + 100 + i)
-                abank.append(_fill(rows[keep], c.anomalous_memory))
+                abank.append(fill_rows(rows[keep], c.anomalous_memory))
             self.anomalous_bank.copy_(torch.stack(abank).to(dev))
             self.has_anomalous.fill_(1.0)
         else:

@@ -11,10 +11,13 @@ Shapes (B batch, S input side, f_s encoder feature at stride s with C_s channels
   CNNBranch(dim, k)                              (B, dim, h, w) -> same: 1x1 -> depthwise kxk -> 1x1,
       each followed by InstanceNorm + SiLU (per sample: batch independent).
   LayerNorm2d(dim)                               LayerNorm over the channel axis of (B, C, h, w).
-  cosine_anomaly_map(feats, recs, size, blur_sigma) -> (map (B, 1, size, size), score (B,))
+  cosine_anomaly_map(feats, recs, size, blur_sigma, topk) -> (map (B, 1, size, size), score (B,))
       per scale 1 - cosine over channels, bilinear to the input size, mean over scales, Gaussian blur
-      (fixed separable conv, replicate padding), score = max of the map.
-  cosine_loss(feats, recs) -> scalar: sum over scales of the mean of 1 - cosine.
+      (fixed separable conv, replicate padding), score = `image_score`: the map's max (topk 0) or
+      the mean of its top-`topk` fraction of pixels.
+  cosine_loss(feats, recs, kind, hard_fraction, hard_factor) -> scalar: sum over scales of the mean
+      per-pixel 1 - cosine ("pixel") or per-image cosine of the flattened maps ("global"), with
+      optional hard mining (see the function).
 """
 from __future__ import annotations
 
@@ -150,8 +153,19 @@ def cosine_distance_maps(feats: Sequence[torch.Tensor], recs: Sequence[torch.Ten
     return [(1.0 - F.cosine_similarity(f, r, dim=1)).unsqueeze(1) for f, r in zip(feats, recs)]
 
 
-def cosine_anomaly_map(feats, recs, size, blur_sigma: float = 4.0):
-    """(map (B, 1, H, W), score (B,)): mean over scales of the upsampled 1 - cosine maps, blurred."""
+def image_score(amap: torch.Tensor, topk: float = 0.0) -> torch.Tensor:
+    """(B, 1, H, W) map -> (B,) image score: its maximum (topk = 0) or the mean of its top `topk`
+    fraction of pixels (at least one; Dinomaly scores the top 1 %): a fixed k, so it exports."""
+    if topk <= 0:
+        return amap.amax(dim=(1, 2, 3))
+    flat = amap.flatten(1)
+    k = max(1, int(round(flat.shape[1] * float(topk))))
+    return torch.topk(flat, k, dim=1).values.mean(dim=1)
+
+
+def cosine_anomaly_map(feats, recs, size, blur_sigma: float = 4.0, topk: float = 0.0):
+    """(map (B, 1, H, W), score (B,)): mean over scales of the upsampled 1 - cosine maps, blurred;
+    score = `image_score(map, topk)`."""
     hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     maps = cosine_distance_maps(feats, recs)
     amap = None
@@ -159,12 +173,47 @@ def cosine_anomaly_map(feats, recs, size, blur_sigma: float = 4.0):
         up = F.interpolate(m, size=hw, mode="bilinear", align_corners=False)
         amap = up if amap is None else amap + up
     amap = gaussian_blur(amap / len(maps), blur_sigma)
-    return amap, amap.amax(dim=(1, 2, 3))
+    return amap, image_score(amap, topk)
 
 
-def cosine_loss(feats, recs) -> torch.Tensor:
-    """Sum over scales of the mean per-pixel 1 - cosine (the quantity the anomaly map shows)."""
-    return sum(m.mean() for m in cosine_distance_maps(feats, recs))
+LOSSES = ("pixel", "global")
+
+
+def _scale_gradient(mask: torch.Tensor, factor: float):
+    return lambda g: g * torch.where(mask, torch.full_like(g, factor), torch.ones_like(g))
+
+
+def cosine_loss(feats, recs, kind: str = "pixel", hard_fraction: float = 0.0, hard_factor: float = 0.1
+                ) -> torch.Tensor:
+    """Reconstruction loss, summed over scales (f = encoder feature, r = reconstruction, (B, C, h, w)):
+
+    kind "pixel"   mean over pixels of 1 - cos(f_p, r_p) (the quantity the anomaly map shows)
+    kind "global"  mean over images of 1 - cos(flatten(f), flatten(r)): one cosine per image and
+                   scale over all channels and positions (Dinomaly / ReContrast's "global cosine":
+                   a looser target than every pixel, which the papers found keeps the decoder from
+                   reconstructing everything, anomalies included)
+    hard_fraction p > 0: hard mining (Dinomaly): the gradient reaching r at the positions whose
+                   per-pixel distance 1 - cos(f_p, r_p) is among the easiest p of the batch (per
+                   scale) is multiplied by hard_factor, so training concentrates on the
+                   hardest 1 - p (training only; the value of the loss is unchanged).
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"loss kind {kind!r} unknown; expected one of {LOSSES}")
+    total = 0.0
+    for f, r in zip(feats, recs):
+        f = f.detach()
+        if hard_fraction > 0 and r.requires_grad:
+            with torch.no_grad():
+                d = 1.0 - F.cosine_similarity(f, r, dim=1)                    # (B, h, w)
+                k = max(1, int(d.numel() * (1.0 - hard_fraction)))
+                thresh = torch.topk(d.flatten(), k).values[-1]
+                easy = (d < thresh).unsqueeze(1)                              # (B, 1, h, w)
+            r.register_hook(_scale_gradient(easy, float(hard_factor)))
+        if kind == "pixel":
+            total = total + (1.0 - F.cosine_similarity(f, r, dim=1)).mean()
+        else:
+            total = total + (1.0 - F.cosine_similarity(f.flatten(1), r.flatten(1), dim=1)).mean()
+    return total
 
 
 def init_weights(module: nn.Module) -> None:

@@ -17,8 +17,11 @@ What it does
     augmentation, so encoder features are computed once and kept in memory when they fit in
     --cache-gb (default 2 GiB); each epoch then only runs the trainable part (much faster: the encoder
     is most of the forward). Otherwise images are read and encoded every step.
+  * recipe: a model's config may carry its training recipe - `epochs` (the default of --epochs),
+    `schedule` ("step": lr x0.1 from 80 % of the steps on; "cosine": warm cosine down to 0.1x) and
+    `warmup_epochs` (linear warm-up); without them: 10 epochs, "step", no warm-up.
   * optimiser: AdamW, lr = config.lr * batch / 16 (unless --lr), weight decay config.weight_decay
-    (1e-4), lr x0.1 from 80 % of the epochs on, gradient norm clipped at 5.
+    (1e-4), the schedule's multiplier set every step (`lr_factor`), gradient norm clipped at 5.
   * resumable: after every epoch `<out>.state` holds weights, optimiser state, epoch, loss history
     (plain tensors / numbers, loaded with weights_only=True); --resume continues from it.
   * calibration (models.base.ScoreStats) on images not used for training: threshold = the
@@ -197,6 +200,28 @@ def score_stats_from_scores(normal_scores, far: float = 0.01, labelled_scores=No
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
+SCHEDULES = ("step", "cosine")
+
+
+def lr_factor(step: int, total_steps: int, schedule: str = "step", warmup_steps: float = 0.0,
+              final: float = 0.1) -> float:
+    """Learning-rate multiplier at optimiser step `step` of `total_steps` (0-based).
+
+    "step":   1, then 0.1 from 80 % of the steps on (MambaAD / ADer);
+    "cosine": half a cosine from 1 down to `final` (Dinomaly: 2e-3 -> 2e-4);
+    both after a linear warm-up from ~0 over `warmup_steps` steps when that is > 0.
+    """
+    if schedule not in SCHEDULES:
+        raise TrainError(f"schedule {schedule!r} unknown; expected one of {SCHEDULES}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "step":
+        return 0.1 if step >= math.ceil(0.8 * total_steps) else 1.0
+    span = max(total_steps - warmup_steps, 1.0)
+    t = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def _state_path(out) -> Optional[pathlib.Path]:
     return pathlib.Path(str(out) + ".state") if out else None
 
@@ -247,7 +272,7 @@ def _feature_cache(model, dataset, batch_size, workers, budget_bytes, device, pr
     return per_scale, torch.cat(cids).to(device)
 
 
-def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, batch_size: int = 8,
+def train(data, classes=None, model: str = "dvad", epochs: Optional[int] = None, out=None, batch_size: int = 8,
           lr: Optional[float] = None, workers: int = 0, seed: int = 0, resume: bool = False,
           config: Optional[Dict[str, Any]] = None, preset: Optional[str] = None,
           val_fraction: float = 0.1, far: float = 0.01, val_data=None, device: str = "cpu",
@@ -258,12 +283,14 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if model not in list_models():
         raise TrainError(f"--model {model!r}: unknown; registered: {', '.join(list_models())}")
-    if epochs < 0 or batch_size < 1:
+    if (epochs is not None and epochs < 0) or batch_size < 1:
         raise TrainError(f"--epochs must be >= 0 and --batch-size >= 1 (got {epochs}, {batch_size})")
     seed_everything(seed)
     _, names = scan_mvtec(data, classes, "train")
     cfg = build_config_dict(model, dict(config or {}), preset, num_classes=len(names))
     net = create_model(model, **cfg).to(device)
+    if epochs is None:      # the model's recipe says how long it trains (10 for a model without one)
+        epochs = int(getattr(net.config, "epochs", 10))
     net.class_names = list(names)
     pp = net.preprocess
     train_ds, val_ds, _, names = make_datasets(data, classes, pp, val_fraction, seed, require_test=False)
@@ -306,10 +333,11 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
             t_cache = time.perf_counter() - t0
         summary["feature_cache"] = cache is not None
         n = len(train_ds)
-        milestone = int(math.ceil(0.8 * epochs))
+        steps_per_epoch = max(1, math.ceil(n / batch_size))
+        schedule = getattr(net.config, "schedule", "step")
+        warmup = float(getattr(net.config, "warmup_epochs", 0.0))
+        summary["schedule"] = dict(kind=schedule, warmup_epochs=warmup, base_lr=base_lr)
         for epoch in range(start_epoch, epochs):
-            for g in opt.param_groups:
-                g["lr"] = base_lr * (0.1 if epoch >= milestone else 1.0)
             gen = torch.Generator().manual_seed(seed * 100003 + epoch)
             net.train()
             t0 = time.perf_counter()
@@ -323,7 +351,11 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
                 batches = loader
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
             tot, cnt, seen = 0.0, 0, 0
-            for b in bar:
+            for i, b in enumerate(bar):
+                f = lr_factor(epoch * steps_per_epoch + i, epochs * steps_per_epoch, schedule,
+                              warmup * steps_per_epoch)
+                for g in opt.param_groups:
+                    g["lr"] = base_lr * f
                 if cache is not None:
                     feats, cid = [f[b.to(f.device)] for f in cache[0]], cache[1][b.to(cache[1].device)]
                     loss = net.loss_from_features(feats, cid)
@@ -398,7 +430,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="MVTec-layout folder (one class or a folder of classes)")
     ap.add_argument("--classes", default=None, help="comma-separated class folders (default: all)")
     ap.add_argument("--model", default="dvad", help="registered model name")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the model's recipe (config.epochs; 10 without one)")
     ap.add_argument("--out", default="model.pt", help="checkpoint path (state in <out>.state)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="default: config lr * batch / 16")

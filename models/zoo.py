@@ -4,3 +4,4 @@ from . import padim  # noqa: F401
 from . import omniad  # noqa: F401
 from . import adapted_moe  # noqa: F401
 from . import fewshot  # noqa: F401
+from . import patchcore  # noqa: F401

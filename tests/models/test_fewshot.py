@@ -1,7 +1,7 @@
 """Few-shot memory scorer: built by models.train (no gradient training) from a handful of images and
 separates defects; one annotated defect image (config `anomalous_images`) raises the AUROC on its
 defect type over normal memory alone (on faint synthetic defects: full-strength ones leave no
-room); nearest neighbour vs sklearn, coreset vs a numpy loop, AUROC vs sklearn; ONNX (dynamo) ==
+room); nearest neighbour vs sklearn (coreset: test_patchcore.py), AUROC vs sklearn; ONNX (dynamo) ==
 PyTorch; checkpoint round trip; clear errors for bad defect entries."""
 import cv2
 import numpy as np
@@ -132,26 +132,6 @@ def test_nearest_neighbour_matches_sklearn():
     nn_ = NearestNeighbors(n_neighbors=3, metric="cosine").fit(bank.numpy())
     dist, _ = nn_.kneighbors(f.reshape(-1, 11).numpy())
     np.testing.assert_allclose(got.reshape(-1).numpy(), (1 - dist).mean(1), rtol=1e-5, atol=1e-5)
-
-
-def _coreset_numpy(z, n, start):
-    idx = [start]
-    d = ((z - z[start]) ** 2).sum(1)
-    while len(idx) < n:
-        j = int(np.argmax(d))
-        idx.append(j)
-        d = np.minimum(d, ((z - z[j]) ** 2).sum(1))
-    return idx
-
-
-def test_greedy_coreset_matches_numpy_loop_and_bounds_memory():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(301, 9, generator=g)
-    got = FS.greedy_coreset(x, 40, dim=0, seed=5).tolist()
-    start = int(torch.randint(301, (1,), generator=torch.Generator().manual_seed(5)))
-    assert got == _coreset_numpy(x.numpy().astype(np.float64), 40, start)
-    assert len(set(got)) == 40
-    assert FS.greedy_coreset(x, 500).tolist() == list(range(301))
 
 
 def test_auroc_helper_matches_sklearn_with_ties():

@@ -1,0 +1,144 @@
+"""PatchCore: a nearest-neighbour memory of normal patch features, greedy-coreset subsampled.
+
+After Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022), written
+here from the method, on the same frozen encoders as the other models (no gradient training):
+
+  patch features  the encoder's maps at `layers` (default strides 8 and 16, PatchCore's mid-level
+                  layer2 + layer3), each averaged over its `patch_size` x `patch_size`
+                  neighbourhood (local aggregation, stride 1), resampled to the grid of the first
+                  layer (bilinear) and concatenated: one D-dim feature per grid cell (D = 152 for
+                  Lite0 strides 8 + 16; 32 x 32 cells at 256 px).
+  memory          every patch of every training image (one memory for all classes: unified),
+                  subsampled by greedy k-center coreset (`models.memory.greedy_coreset`, on a
+                  `coreset_dim`-d random projection) to `coreset_ratio` of the patches (PatchCore
+                  uses 1-10 %). `prepare()` writes the row count into `config.memory_rows`, so
+                  the checkpoint rebuilds a buffer of the right shape.
+  score           patch score = Euclidean distance to the nearest memory row (`knn` > 1: mean of
+                  the k nearest), as |f|^2 - 2 f.m + |m|^2 by matmul + top-k
+                  (`models.memory.knn_distance`: exports to ONNX / AOTInductor); the map is the
+                  bilinearly upsampled, blurred patch scores, the image score its maximum.
+
+Memory size: memory_rows x D float32 (~0.6 KiB a row at D = 152): 1 % of 686 magnetic-tile
+images x 1024 cells = 7,025 rows = 4.3 MB; scoring costs a (1024 x D) @ (D x rows) matmul per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import encoders as _enc
+from .adapted_moe import iter_batches, patch_map
+from .base import AnomalyModel, ConfigBase, PreprocessConfig
+from .memory import greedy_coreset, knn_distance
+from .registry import register_model
+
+
+@dataclass
+class PatchCoreConfig(ConfigBase):
+    input_size: int = 256
+    encoder: str = "efficientnet_lite0"
+    encoder_weights: Optional[str] = None
+    layers: Tuple[int, ...] = (1, 2)          # encoder taps (indices of strides 4, 8, 16)
+    patch_size: int = 3                       # local neighbourhood averaged into each patch feature
+    coreset_ratio: float = 0.01               # fraction of all training patches kept
+    coreset_dim: int = 128                    # random projection for the coreset distances (0 = none)
+    max_memory: int = 0                       # cap on the rows (0 = none)
+    memory_rows: int = 0                      # set by prepare(); what the checkpoint's buffer holds
+    knn: int = 1
+    seed: int = 0
+    blur_sigma: float = 4.0
+
+    def __post_init__(self):
+        if not self.layers or any(int(i) not in (0, 1, 2) for i in self.layers) \
+                or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"PatchCoreConfig.layers: expected distinct tap indices from (0, 1, 2), "
+                             f"got {self.layers!r}")
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError(f"PatchCoreConfig.patch_size: expected an odd int >= 1, got {self.patch_size!r}")
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError(f"PatchCoreConfig.coreset_ratio: expected a fraction in (0, 1], got "
+                             f"{self.coreset_ratio!r}")
+        if self.knn < 1 or self.memory_rows < 0 or self.max_memory < 0:
+            raise ValueError("PatchCoreConfig: knn must be >= 1, memory_rows and max_memory >= 0")
+
+    @classmethod
+    def tiny(cls, **kw):
+        """Seconds-to-build sizes for tests (input 64)."""
+        base = dict(input_size=64, coreset_ratio=0.1, blur_sigma=2.0)
+        base.update(kw)
+        return cls(**base)
+
+
+@register_model("patchcore")
+class PatchCore(AnomalyModel):
+    config_class = PatchCoreConfig
+    needs_gradient_training = False
+
+    def __init__(self, config: PatchCoreConfig, pretrained: bool = True):
+        super().__init__(config, pretrained)
+        c = config
+        self.encoder = _enc.create_encoder(c.encoder, weights=c.encoder_weights, pretrained=pretrained)
+        self.layer_ids = tuple(int(i) for i in c.layers)
+        self.dim = sum(self.encoder.channels[i] for i in self.layer_ids)
+        rows = max(int(c.memory_rows), 1)
+        self.register_buffer("memory", torch.zeros(rows, self.dim))
+        self.build_log: dict = {}
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(input_size=self.config.input_size, mean=tuple(self.encoder.mean),
+                                std=tuple(self.encoder.std), blur_sigma=self.config.blur_sigma)
+
+    # ---- features -----------------------------------------------------------------------
+    def patch_features(self, x: torch.Tensor):
+        """(B, 3, S, S) normalised images -> ((B, P, D) patch features, grid (h, w))."""
+        with torch.no_grad():
+            feats = self.encoder(x)
+            k = self.config.patch_size
+            sel = [feats[i] for i in self.layer_ids]
+            size = sel[0].shape[-2:]
+            parts = []
+            for f in sel:
+                if k > 1:
+                    f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+                if f.shape[-2:] != size:
+                    f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                parts.append(f)
+            fmap = torch.cat(parts, dim=1)
+            return fmap.flatten(2).transpose(1, 2), (int(size[0]), int(size[1]))
+
+    def forward(self, x: torch.Tensor):
+        f, (h, w) = self.patch_features(x)
+        d = knn_distance(f, self.memory, self.config.knn)
+        return patch_map(d.reshape(x.shape[0], 1, h, w), x.shape[-2:], self.config.blur_sigma)
+
+    # ---- fit ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, loader, progress: bool = False) -> None:
+        """Collect the patch features of every (normal) training image and coreset-subsample them."""
+        c = self.config
+        dev = self.memory.device
+        chunks = []
+        for x, *_ in iter_batches(loader):
+            f, _ = self.patch_features(x.to(dev, torch.float32))
+            chunks.append(f.reshape(-1, self.dim).cpu())
+        if not chunks:
+            raise ValueError("patchcore.prepare: no training images in the loader")
+        allf = torch.cat(chunks)
+        n = max(1, int(round(c.coreset_ratio * allf.shape[0])))
+        if c.max_memory:
+            n = min(n, int(c.max_memory))
+        keep = greedy_coreset(allf, n, c.coreset_dim, c.seed, progress=progress)
+        bank = allf[keep].to(dev)
+        self.memory = bank.contiguous()
+        self.config.memory_rows = int(bank.shape[0])
+        self.build_log = dict(patches=int(allf.shape[0]), memory_rows=int(bank.shape[0]), dim=self.dim,
+                              memory_mb=bank.numel() * 4 / 2 ** 20)
+
+    def finalize(self, loader) -> None:
+        """Builds the memory if prepare() was not called (a loop that only calls finalize)."""
+        if int(self.config.memory_rows) == 0:
+            self.prepare(loader)
