@@ -105,6 +105,7 @@ class DVADConfig(ConfigBase):
     hard_fraction: float = 0.0                 # hard mining: damp the gradient of the easiest fraction
     hard_factor: float = 0.1
     neck_dropout: float = 0.0                  # dropout on the encoder features entering the neck
+    feature_norm: bool = False                 # standardise each encoder channel (training statistics)
     epochs: int = 10
     schedule: str = "step"                     # "step" | "cosine"
     warmup_epochs: float = 0.0
@@ -358,6 +359,12 @@ class DVAD(AnomalyModel):
         self.class_embed = (ClassEmbedding(enc_ch, c.class_embed_dim, c.num_classes)
                             if c.use_hyper and c.class_embed_dim > 0 else None)
         self.neck_dropout = nn.Dropout(c.neck_dropout) if c.neck_dropout > 0 else None
+        # per-channel mean / std of each encoder map (identity until prepare() fits them); a state
+        # dict saved before they existed loads as identity, i.e. unchanged scores
+        for i, ch in enumerate(enc_ch):
+            self.register_buffer(f"feat_mean{i}", torch.zeros(ch))
+            self.register_buffer(f"feat_std{i}", torch.ones(ch))
+        self.register_load_state_dict_pre_hook(_identity_feature_norm_for_old_state_dicts)
         for mod in (self.neck, self.expands, self.stages, self.heads, self.class_embed):
             if mod is not None:
                 L.init_weights(mod)
@@ -372,9 +379,41 @@ class DVAD(AnomalyModel):
 
     # ---- pieces ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Frozen encoder features [f4, f8, f16] (no gradient)."""
+        """Frozen encoder features [f4, f8, f16] (no gradient), standardised per channel with the
+        training statistics when `feature_norm` is on (the decoder reconstructs those)."""
         with torch.no_grad():
-            return [f.detach() for f in self.encoder(x)]
+            feats = [f.detach() for f in self.encoder(x)]
+            if self.config.feature_norm:
+                feats = [(f - getattr(self, f"feat_mean{i}").view(1, -1, 1, 1))
+                         / getattr(self, f"feat_std{i}").view(1, -1, 1, 1) for i, f in enumerate(feats)]
+            return feats
+
+    @torch.no_grad()
+    def prepare(self, loader, max_images: int = 128) -> None:
+        """With `feature_norm`: per-channel mean / std of the encoder maps over (up to `max_images` of)
+        the training images, before training (the features the trainer caches are standardised)."""
+        if not self.config.feature_norm:
+            return
+        from .adapted_moe import iter_batches
+
+        dev = self.feat_mean0.device
+        n, s1, s2 = 0, None, None
+        for x, *_ in iter_batches(loader):
+            feats = self.encoder(x.to(dev, torch.float32))
+            m1 = [f.double().mean(dim=(2, 3)).sum(0) for f in feats]
+            m2 = [f.double().pow(2).mean(dim=(2, 3)).sum(0) for f in feats]
+            s1 = m1 if s1 is None else [a + b for a, b in zip(s1, m1)]
+            s2 = m2 if s2 is None else [a + b for a, b in zip(s2, m2)]
+            n += x.shape[0]
+            if n >= max_images:
+                break
+        if n == 0:
+            raise ValueError("dvad.prepare: no training images in the loader")
+        for i, (a, b) in enumerate(zip(s1, s2)):
+            mean = a / n
+            std = (b / n - mean ** 2).clamp_min(1e-12).sqrt()
+            getattr(self, f"feat_mean{i}").copy_(mean.float())
+            getattr(self, f"feat_std{i}").copy_(std.float().clamp_min(1e-6))
 
     def decode(self, feats: Sequence[torch.Tensor]):
         """-> (reconstructions [r4, r8, r16] matching feats, class embedding (B, E) or None)."""
@@ -411,6 +450,12 @@ class DVAD(AnomalyModel):
 
     def training_loss(self, x, class_id: Optional[torch.Tensor] = None):
         return self.loss_from_features(self.encode(x), class_id)
+
+
+def _identity_feature_norm_for_old_state_dicts(module, state_dict, prefix, *args):
+    for i, ch in enumerate(module.encoder.channels):
+        state_dict.setdefault(f"{prefix}feat_mean{i}", torch.zeros(ch))
+        state_dict.setdefault(f"{prefix}feat_std{i}", torch.ones(ch))
 
 
 @dataclass
