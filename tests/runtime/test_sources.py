@@ -131,6 +131,7 @@ def fake_gige():
     del cam
 
 
+@pytest.mark.stack("aravis")
 def test_aravis_fake_camera_line_mode(fake_gige):
     src = open_source("aravis://127.0.0.1?width=320&height=16&format=Mono8&rate=16000")
     bufs = _collect(src, 6)
@@ -148,6 +149,7 @@ def _pylon():
         pytest.skip(f"pypylon not installed ({e})")
 
 
+@pytest.mark.stack("pylon")
 def test_pylon_emulation_replays_images_and_reports_failed_buffers(tmp_path):
     _pylon()
     rng = np.random.default_rng(1)
@@ -164,6 +166,7 @@ def test_pylon_emulation_replays_images_and_reports_failed_buffers(tmp_path):
         np.testing.assert_array_equal(b.data, imgs[(k + 2) % 3])
 
 
+@pytest.mark.stack("genicam")
 def test_genicam_simulator_frames():
     pytest.importorskip("harvesters", reason="harvesters not installed")
     cti = genicam_simulator_cti()
@@ -176,6 +179,7 @@ def test_genicam_simulator_frames():
     assert all(b.data.shape == (100, 128) and b.status == "ok" for b in bufs)
 
 
+@pytest.mark.stack("genicam")
 def test_genicam_missing_producer_is_clear():
     pytest.importorskip("harvesters", reason="harvesters not installed")
     with pytest.raises(SourceError, match="not found"):
