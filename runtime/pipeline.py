@@ -93,7 +93,11 @@ def check_compatible(engine: Engine, camera: CameraMeta, tile_hw) -> None:
 
 
 class Pipeline:
-    """Run a source through an engine. `start()`, then `wait()` or `stop()`; `summary()`."""
+    """Run a source through an engine. `start()`, then `wait()` or `stop()`; `summary()`.
+
+    `on_band(band, rec)` is called from the postprocess thread for every band, in order, right
+    after the stitcher took it: `rec` holds the band's tile maps and scores ({"maps", "norm",
+    "score"}), or is None for a band that was dropped or only marks the end of a segment."""
 
     def __init__(self, engine: Engine, source: Source, config: StreamConfig = None,
                  sinks=None, on_band: Optional[Callable] = None):
@@ -422,14 +426,14 @@ class Pipeline:
             st.age.add((now - band.t_first_ns) / 1e6)
             self._write_preview(band)
             events = self.stitcher.add_band(band, rec["maps"])
-            if self.on_band is not None:
-                self.on_band(band, rec)
         else:
             if kind == "dropped":
                 st.drop(payload, band.owned)
             if band.tiles is not None:
                 self._write_preview(band)
             events = self.stitcher.add_band(band, None)
+        if self.on_band is not None:   # every band, in the order the stitcher saw it
+            self.on_band(band, payload if kind == "scored" else None)
         for ev in events:
             self._emit_event(ev)
         if self.sinks is not None and kind == "scored":
