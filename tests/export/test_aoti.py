@@ -37,8 +37,8 @@ def test_aoti_package_loads_without_model_code_and_matches(tiny_ckpt, tiny_model
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("AOTInductor on CPU needs a C++ compiler")
     from export.aoti import export_aoti
-    from export.artifacts import read_metadata
-    from models.deploy import DeployModule
+    from deploy.artifacts import read_metadata
+    from deploy.graph import DeployModule
 
     import torch._inductor.config as icfg
 

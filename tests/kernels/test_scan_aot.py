@@ -9,10 +9,9 @@ import re
 import pytest
 import torch
 
-from kernels import selective_scan_ref
+from kernels import scan_aot, selective_scan_ref
 from kernels.testing import make_scan_inputs, to_double
 
-scan_aot = pytest.importorskip("kernels.scan_aot")
 if scan_aot.triton is None:
     pytest.skip("triton not installed", allow_module_level=True)
 

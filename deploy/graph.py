@@ -1,5 +1,8 @@
 """DeployModule: raw camera frames in, anomaly map + scores out (the deployed artifact's graph).
 
+The torch implementation of deploy/contract.py: every exporter traces this module, and
+deploy.torch_engines.TorchEngine runs it eagerly as the parity gate's reference.
+
 Everything the runtime would otherwise have to repeat lives inside the graph, read from the
 model's own `preprocess` config (never from constants here):
 
@@ -25,15 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ITU-R BT.601 luma (what cv2.cvtColor(RGB2GRAY) uses).
-LUMA_RGB = (0.299, 0.587, 0.114)
-OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score")
-FULL_MAP_NAME = "anomaly_map_full"
-INPUT_NAME = "frames"
+from .contract import LUMA_RGB, output_names
 
 
-def output_names(full_res_map: bool = False) -> Tuple[str, ...]:
-    return OUTPUT_NAMES + ((FULL_MAP_NAME,) if full_res_map else ())
+def default_frame_hw(model) -> Tuple[int, int]:
+    """The frames an artifact of `model` takes unless told otherwise: the tiles it was trained on
+    (models.tiles: the stream then cuts tiles at the training scale), else its input size."""
+    geo = getattr(model, "training_geometry", None) or {}
+    if geo.get("mode") == "tiles":
+        return int(geo["tile"]), int(geo["tile"])
+    size = int(model.preprocess.input_size)
+    return size, size
 
 
 def _check_hw(frame_hw) -> Tuple[int, int]:
@@ -55,7 +60,7 @@ class DeployModule(nn.Module):
         pp = model.preprocess
         self.model = model
         self.input_size = int(pp.input_size)
-        self.frame_hw = _check_hw(frame_hw if frame_hw is not None else (pp.input_size, pp.input_size))
+        self.frame_hw = _check_hw(frame_hw if frame_hw is not None else default_frame_hw(model))
         if frame_channels not in (1, 3):
             raise ValueError(f"frame_channels: expected 1 (gray) or 3 (RGB), got {frame_channels!r}")
         self.frame_channels = int(frame_channels)

@@ -1,4 +1,4 @@
-"""runtime.cuda_buffers: backend selection and its errors against the real environment, the
+"""deploy.cuda_buffers: backend selection and its errors against the real environment, the
 host -> device -> host round trip where a CUDA device is visible, and injected CUDA error codes.
 
 Each expected failure reason is found here independently of the module (importlib for pycuda,
@@ -10,7 +10,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from runtime import cuda_buffers as cb
+from deploy import cuda_buffers as cb
 
 
 def _find(mod: str) -> bool:
