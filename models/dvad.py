@@ -99,6 +99,7 @@ class DVADConfig(ConfigBase):
     cnn_kernels: Tuple[int, ...] = (5, 7)
     blur_sigma: float = 4.0
     score_topk: float = 0.0                    # image score: map max (0) or mean of its top fraction
+    map_strides: Tuple[int, ...] = (4, 8, 16)  # scales averaged into the anomaly map (all are trained)
     # training recipe (models.train reads epochs / schedule / warmup_epochs; see RESULTS.md for the
     # ablations that chose them)
     loss: str = "pixel"                        # "pixel" | "global" cosine (models.layers.cosine_loss)
@@ -140,6 +141,9 @@ class DVADConfig(ConfigBase):
             bad("loss", f"one of {L.LOSSES}", self.loss)
         if not 0.0 <= self.hard_fraction < 1.0 or not 0.0 <= self.neck_dropout < 1.0:
             bad("hard_fraction/neck_dropout", "in [0, 1)", (self.hard_fraction, self.neck_dropout))
+        if not self.map_strides or any(int(v) not in (4, 8, 16) for v in self.map_strides) \
+                or len(set(self.map_strides)) != len(self.map_strides):
+            bad("map_strides", "distinct strides from (4, 8, 16)", self.map_strides)
         if not 0.0 <= self.score_topk <= 1.0:
             bad("score_topk", "a fraction in [0, 1]", self.score_topk)
         if self.schedule not in ("step", "cosine"):
@@ -436,8 +440,9 @@ class DVAD(AnomalyModel):
     def forward(self, x: torch.Tensor):
         feats = self.encode(x)
         recs, _ = self.decode(feats)
-        return L.cosine_anomaly_map(feats, recs, tuple(x.shape[-2:]), self.config.blur_sigma,
-                                    self.config.score_topk)
+        keep = [i for i, st in enumerate((4, 8, 16)) if st in self.config.map_strides]
+        return L.cosine_anomaly_map([feats[i] for i in keep], [recs[i] for i in keep], tuple(x.shape[-2:]),
+                                    self.config.blur_sigma, self.config.score_topk)
 
     def loss_from_features(self, feats, class_id: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.config
