@@ -107,6 +107,7 @@ class DVADConfig(ConfigBase):
     hard_factor: float = 0.1
     neck_dropout: float = 0.0                  # dropout on the encoder features entering the neck
     feature_norm: bool = False                 # standardise each encoder channel (training statistics)
+    feature_pool: int = 1                      # average the encoder maps over k x k (odd): smoother targets
     epochs: int = 10
     schedule: str = "step"                     # "step" | "cosine"
     warmup_epochs: float = 0.0
@@ -146,6 +147,8 @@ class DVADConfig(ConfigBase):
             bad("map_strides", "distinct strides from (4, 8, 16)", self.map_strides)
         if not 0.0 <= self.score_topk <= 1.0:
             bad("score_topk", "a fraction in [0, 1]", self.score_topk)
+        if self.feature_pool < 1 or self.feature_pool % 2 == 0:
+            bad("feature_pool", "an odd int >= 1", self.feature_pool)
         if self.schedule not in ("step", "cosine"):
             bad("schedule", "'step' or 'cosine'", self.schedule)
 
@@ -384,12 +387,16 @@ class DVAD(AnomalyModel):
     # ---- pieces ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Frozen encoder features [f4, f8, f16] (no gradient), standardised per channel with the
-        training statistics when `feature_norm` is on (the decoder reconstructs those)."""
+        training statistics when `feature_norm` is on and averaged over `feature_pool` x
+        `feature_pool` neighbourhoods (the decoder reconstructs, and the map compares, these)."""
         with torch.no_grad():
             feats = [f.detach() for f in self.encoder(x)]
             if self.config.feature_norm:
                 feats = [(f - getattr(self, f"feat_mean{i}").view(1, -1, 1, 1))
                          / getattr(self, f"feat_std{i}").view(1, -1, 1, 1) for i, f in enumerate(feats)]
+            k = self.config.feature_pool
+            if k > 1:
+                feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
             return feats
 
     @torch.no_grad()
