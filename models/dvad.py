@@ -66,8 +66,9 @@ from torch import nn
 import kernels
 
 from . import layers as L
-from .base import AnomalyModel, ConfigBase, PreprocessConfig
+from .base import ConfigBase, PreprocessConfig
 from .encoders import ENCODERS, create_encoder
+from .recipe import ReconRecipe, ReconstructionModel
 from .registry import register_model
 
 SCAN_KINDS = ("hilbert8", "raster4", "raster2", "raster1")
@@ -75,7 +76,7 @@ _NUM_DIRS = {"hilbert8": 8, "raster4": 4, "raster2": 2, "raster1": 1}
 
 
 @dataclass
-class DVADConfig(ConfigBase):
+class DVADConfig(ConfigBase, ReconRecipe):
     input_size: int = 256
     encoder: str = "efficientnet_lite0"
     encoder_weights: Optional[str] = None      # file path; None = package / torch hub cache
@@ -97,22 +98,8 @@ class DVADConfig(ConfigBase):
     class_embed_dim: int = 32                  # 0 = no class embedding
     num_classes: int = 0                       # > 1: auxiliary class loss on the embedding
     cnn_kernels: Tuple[int, ...] = (5, 7)
-    blur_sigma: float = 4.0
-    score_topk: float = 0.0                    # image score: map max (0) or mean of its top fraction
-    map_strides: Tuple[int, ...] = (4, 8, 16)  # scales averaged into the anomaly map (all are trained)
-    # training recipe (models.train reads epochs / schedule / warmup_epochs; see RESULTS.md for the
-    # ablations that chose them)
-    loss: str = "pixel"                        # "pixel" | "global" cosine (models.layers.cosine_loss)
-    hard_fraction: float = 0.0                 # hard mining: damp the gradient of the easiest fraction
-    hard_factor: float = 0.1
     neck_dropout: float = 0.0                  # dropout on the encoder features entering the neck
-    feature_norm: bool = False                 # standardise each encoder channel (training statistics)
-    feature_pool: int = 1                      # average the encoder maps over k x k (odd): smoother targets
-    epochs: int = 10
-    schedule: str = "step"                     # "step" | "cosine"
-    warmup_epochs: float = 0.0
-    lr: float = 0.005                          # AdamW lr at batch 16 (scaled linearly with batch)
-    weight_decay: float = 1e-4
+    # + the training / scoring recipe of models.recipe.ReconRecipe (blur, score, targets, loss, schedule)
 
     def __post_init__(self):
         def bad(field_name, expected, got):
@@ -138,19 +125,9 @@ class DVADConfig(ConfigBase):
             bad("input_size", ">= 32", self.input_size)
         if self.d_state < 1 or self.expand < 1:
             bad("d_state/expand", ">= 1", (self.d_state, self.expand))
-        if self.loss not in L.LOSSES:
-            bad("loss", f"one of {L.LOSSES}", self.loss)
-        if not 0.0 <= self.hard_fraction < 1.0 or not 0.0 <= self.neck_dropout < 1.0:
-            bad("hard_fraction/neck_dropout", "in [0, 1)", (self.hard_fraction, self.neck_dropout))
-        if not self.map_strides or any(int(v) not in (4, 8, 16) for v in self.map_strides) \
-                or len(set(self.map_strides)) != len(self.map_strides):
-            bad("map_strides", "distinct strides from (4, 8, 16)", self.map_strides)
-        if not 0.0 <= self.score_topk <= 1.0:
-            bad("score_topk", "a fraction in [0, 1]", self.score_topk)
-        if self.feature_pool < 1 or self.feature_pool % 2 == 0:
-            bad("feature_pool", "an odd int >= 1", self.feature_pool)
-        if self.schedule not in ("step", "cosine"):
-            bad("schedule", "'step' or 'cosine'", self.schedule)
+        if not 0.0 <= self.neck_dropout < 1.0:
+            bad("neck_dropout", "in [0, 1)", self.neck_dropout)
+        self.check_recipe()
 
     @classmethod
     def tiny(cls, **kw):
@@ -338,11 +315,11 @@ class ClassEmbedding(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 @register_model("dvad")
-class DVAD(AnomalyModel):
-    """Frozen encoder + neck + Mamba/CNN/Hyper/MoE decoder; forward contract in models/base.py."""
+class DVAD(ReconstructionModel):
+    """Frozen encoder + neck + Mamba/CNN/Hyper/MoE decoder; forward contract in models/base.py,
+    targets / loss / map / score from the recipe (models.recipe)."""
 
     config_class = DVADConfig
-    frozen_encoder = True     # models.train may cache `encode(x)` outputs (no augmentation)
 
     def __init__(self, config: DVADConfig, pretrained: bool = True):
         super().__init__(config, pretrained)
@@ -366,12 +343,7 @@ class DVAD(AnomalyModel):
         self.class_embed = (ClassEmbedding(enc_ch, c.class_embed_dim, c.num_classes)
                             if c.use_hyper and c.class_embed_dim > 0 else None)
         self.neck_dropout = nn.Dropout(c.neck_dropout) if c.neck_dropout > 0 else None
-        # per-channel mean / std of each encoder map (identity until prepare() fits them); a state
-        # dict saved before they existed loads as identity, i.e. unchanged scores
-        for i, ch in enumerate(enc_ch):
-            self.register_buffer(f"feat_mean{i}", torch.zeros(ch))
-            self.register_buffer(f"feat_std{i}", torch.ones(ch))
-        self.register_load_state_dict_pre_hook(_identity_feature_norm_for_old_state_dicts)
+        self.track_recipe()
         for mod in (self.neck, self.expands, self.stages, self.heads, self.class_embed):
             if mod is not None:
                 L.init_weights(mod)
@@ -385,48 +357,7 @@ class DVAD(AnomalyModel):
                                 std=tuple(self.encoder.std), blur_sigma=self.config.blur_sigma)
 
     # ---- pieces ---------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Frozen encoder features [f4, f8, f16] (no gradient), standardised per channel with the
-        training statistics when `feature_norm` is on and averaged over `feature_pool` x
-        `feature_pool` neighbourhoods (the decoder reconstructs, and the map compares, these)."""
-        with torch.no_grad():
-            feats = [f.detach() for f in self.encoder(x)]
-            if self.config.feature_norm:
-                feats = [(f - getattr(self, f"feat_mean{i}").view(1, -1, 1, 1))
-                         / getattr(self, f"feat_std{i}").view(1, -1, 1, 1) for i, f in enumerate(feats)]
-            k = self.config.feature_pool
-            if k > 1:
-                feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
-            return feats
-
-    @torch.no_grad()
-    def prepare(self, loader, max_images: int = 128) -> None:
-        """With `feature_norm`: per-channel mean / std of the encoder maps over (up to `max_images` of)
-        the training images, before training (the features the trainer caches are standardised)."""
-        if not self.config.feature_norm:
-            return
-        from .adapted_moe import iter_batches
-
-        dev = self.feat_mean0.device
-        n, s1, s2 = 0, None, None
-        for x, *_ in iter_batches(loader):
-            feats = self.encoder(x.to(dev, torch.float32))
-            m1 = [f.double().mean(dim=(2, 3)).sum(0) for f in feats]
-            m2 = [f.double().pow(2).mean(dim=(2, 3)).sum(0) for f in feats]
-            s1 = m1 if s1 is None else [a + b for a, b in zip(s1, m1)]
-            s2 = m2 if s2 is None else [a + b for a, b in zip(s2, m2)]
-            n += x.shape[0]
-            if n >= max_images:
-                break
-        if n == 0:
-            raise ValueError("dvad.prepare: no training images in the loader")
-        for i, (a, b) in enumerate(zip(s1, s2)):
-            mean = a / n
-            std = (b / n - mean ** 2).clamp_min(1e-12).sqrt()
-            getattr(self, f"feat_mean{i}").copy_(mean.float())
-            getattr(self, f"feat_std{i}").copy_(std.float().clamp_min(1e-6))
-
-    def decode(self, feats: Sequence[torch.Tensor]):
+    def decode(self, feats: Sequence[torch.Tensor], training: bool = False):
         """-> (reconstructions [r4, r8, r16] matching feats, class embedding (B, E) or None)."""
         e = self.class_embed(feats) if self.class_embed is not None else None
         sizes = [tuple(f.shape[-2:]) for f in feats]
@@ -443,31 +374,11 @@ class DVAD(AnomalyModel):
                 outs.append(self.heads[i - 1](z))
         return outs[::-1], e
 
-    # ---- contract -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor):
-        feats = self.encode(x)
-        recs, _ = self.decode(feats)
-        keep = [i for i, st in enumerate((4, 8, 16)) if st in self.config.map_strides]
-        return L.cosine_anomaly_map([feats[i] for i in keep], [recs[i] for i in keep], tuple(x.shape[-2:]),
-                                    self.config.blur_sigma, self.config.score_topk)
-
-    def loss_from_features(self, feats, class_id: Optional[torch.Tensor] = None) -> torch.Tensor:
-        c = self.config
-        recs, e = self.decode(feats)
-        loss = L.cosine_loss(feats, recs, c.loss, c.hard_fraction, c.hard_factor)
-        if (class_id is not None and self.class_embed is not None
-                and self.class_embed.classifier is not None):
-            loss = loss + 0.1 * F.cross_entropy(self.class_embed.classifier(e), class_id.long())
-        return loss
-
-    def training_loss(self, x, class_id: Optional[torch.Tensor] = None):
-        return self.loss_from_features(self.encode(x), class_id)
-
-
-def _identity_feature_norm_for_old_state_dicts(module, state_dict, prefix, *args):
-    for i, ch in enumerate(module.encoder.channels):
-        state_dict.setdefault(f"{prefix}feat_mean{i}", torch.zeros(ch))
-        state_dict.setdefault(f"{prefix}feat_std{i}", torch.ones(ch))
+    def aux_loss(self, e, class_id: Optional[torch.Tensor] = None):
+        """Class loss on the embedding (weight 0.1) when several classes are trained."""
+        if class_id is None or self.class_embed is None or self.class_embed.classifier is None:
+            return None
+        return 0.1 * F.cross_entropy(self.class_embed.classifier(e), class_id.long())
 
 
 @dataclass

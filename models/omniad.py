@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AnomalyModel, ConfigBase, PreprocessConfig, encoder_preprocess, track_input_normalisation
+from .base import ConfigBase, PreprocessConfig, encoder_preprocess, track_input_normalisation
+from .recipe import ReconRecipe, ReconstructionModel
 from .registry import register_model
 from . import encoders as _enc
 from . import layers as _layers
@@ -34,7 +35,7 @@ PAPER_DEPTHS = (3, 9, 9, 7)
 
 
 @dataclass
-class OmniADConfig(ConfigBase):
+class OmniADConfig(ConfigBase, ReconRecipe):
     input_size: int = 256
     encoder: str = "efficientnet_lite0"
     encoder_weights: Optional[str] = None     # path to the encoder's weights (see models.encoders)
@@ -48,11 +49,11 @@ class OmniADConfig(ConfigBase):
     mlp_ratio: float = 2.0
     jitter_scale: float = 0.2                # feature jitter on the neck output (training only)
     jitter_prob: float = 1.0
-    blur_sigma: float = 4.0
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    # + the training / scoring recipe of models.recipe.ReconRecipe (blur, score, targets, loss, schedule)
 
     def __post_init__(self):
+        self.check_recipe()
         if len(self.depths) != 4 or any(int(d) < 0 for d in self.depths):
             raise ValueError(f"OmniADConfig.depths: expected 4 non-negative ints, got {self.depths!r}")
         g = int(round(math.sqrt(self.num_queries)))
@@ -157,9 +158,11 @@ class OmniBlock(nn.Module):
 
 
 @register_model("omniad")
-class OmniAD(AnomalyModel):
+class OmniAD(ReconstructionModel):
+    """Frozen encoder + neck + Omni-block decoder; targets / loss / map / score from the recipe
+    (models.recipe)."""
+
     config_class = OmniADConfig
-    frozen_encoder = True     # models.train may cache `encode(x)` outputs (no augmentation)
 
     def __init__(self, config: OmniADConfig, pretrained: bool = True):
         super().__init__(config, pretrained)
@@ -181,20 +184,17 @@ class OmniAD(AnomalyModel):
                                         nn.Conv2d(dims[3], enc_ch[0], 1)])
         for mod in (self.neck, self.stages, self.expands, self.heads_out):   # never the encoder
             _layers.init_weights(mod)
+        self.track_recipe()
 
     @property
     def preprocess(self) -> PreprocessConfig:
         return encoder_preprocess(self, input_size=self.config.input_size, blur_sigma=self.config.blur_sigma)
 
-    def encode(self, x):
-        """Frozen encoder features [f4, f8, f16] (no gradient)."""
-        with torch.no_grad():
-            feats = list(self.encoder(x))
-        return [f.detach() for f in feats]
-
-    def _decode(self, feats, jitter: bool = False):
+    def decode(self, feats, training: bool = False):
+        """-> (reconstructions [r4, r8, r16] matching feats, None); feature jitter on the neck output
+        when `training`."""
         z = self.neck(feats)
-        if jitter and self.config.jitter_scale > 0:
+        if training and self.config.jitter_scale > 0:
             z = self._jitter(z)
         outs = []
         sizes = [f.shape[-2:] for f in feats[::-1]]   # strides 16, 8, 4
@@ -204,7 +204,7 @@ class OmniAD(AnomalyModel):
             z = stage(z)
             if i > 0:
                 outs.append(self.heads_out[i - 1](z))
-        return outs[::-1]                     # strides 4, 8, 16 (matches feats)
+        return outs[::-1], None               # strides 4, 8, 16 (matches feats)
 
     def _jitter(self, z):
         # per-token Gaussian noise scaled by the token's RMS (UniAD-style feature jitter)
@@ -214,14 +214,3 @@ class OmniAD(AnomalyModel):
             keep = (torch.rand(z.shape[0], 1, 1, 1, device=z.device) < self.config.jitter_prob).to(z.dtype)
             noise = noise * keep
         return z + noise
-
-    def loss_from_features(self, feats, class_id: Optional[torch.Tensor] = None):
-        return _layers.cosine_loss(feats, self._decode(feats, jitter=True))
-
-    def training_loss(self, x, class_id: Optional[torch.Tensor] = None):
-        return self.loss_from_features(self.encode(x), class_id)
-
-    def forward(self, x):
-        feats = self.encode(x)
-        recs = self._decode(feats, jitter=False)
-        return _layers.cosine_anomaly_map(feats, recs, x.shape[-1], self.config.blur_sigma)

@@ -43,6 +43,7 @@ class PatchCoreConfig(ConfigBase):
     encoder_weights: Optional[str] = None
     layers: Tuple[int, ...] = (1, 2)          # encoder taps (indices of strides 4, 8, 16)
     patch_size: int = 3                       # local neighbourhood averaged into each patch feature
+    l2_normalize: bool = False                # unit-length features per layer (distance ~ cosine)
     coreset_ratio: float = 0.01               # fraction of all training patches kept
     coreset_dim: int = 128                    # random projection for the coreset distances (0 = none)
     max_memory: int = 0                       # cap on the rows (0 = none)
@@ -106,6 +107,8 @@ class PatchCore(AnomalyModel):
                     f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
                 if f.shape[-2:] != size:
                     f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                if self.config.l2_normalize:
+                    f = F.normalize(f, dim=1)
                 parts.append(f)
             fmap = torch.cat(parts, dim=1)
             return fmap.flatten(2).transpose(1, 2), (int(size[0]), int(size[1]))

@@ -79,28 +79,42 @@ def test_image_score_is_the_mean_of_the_top_fraction(topk):
     np.testing.assert_allclose(L.image_score(amap, topk).numpy(), flat[:, :k].mean(1), rtol=1e-6)
 
 
-def test_feature_norm_standardises_with_training_statistics_and_old_state_dicts_load_as_identity():
+@pytest.mark.parametrize("name", ["dvad", "omniad"])
+def test_recipe_targets_map_and_score_and_old_checkpoints_keep_the_old_rule(name):
+    """pool 3, map from strides 8 + 16, top-1 % score: each against explicit torch ops; a state dict
+    saved before the recipe fields existed (no recipe_version) keeps max-over-all-scales, unpooled."""
+    import torch.nn.functional as F
+
+    from models.registry import get_model_class
+
+    cls = get_model_class(name).config_class
     torch.manual_seed(0)
-    cfg = D.DVADConfig.tiny(feature_norm=True).to_dict()
-    model = models.create_model("dvad", pretrained=False, **cfg).eval()
-    x = torch.randn(10, 3, 64, 64) * 2 + 0.5
-    model.prepare([x[:4], {"image": x[4:]}])
+    cfg = cls.tiny(feature_pool=3, map_strides=(8, 16), score_topk=0.01).to_dict()
+    model = models.create_model(name, pretrained=False, **cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         raw = model.encoder(x)
         feats = model.encode(x)
-    for i, (fr, fn) in enumerate(zip(raw, feats)):
-        a = fr.double().numpy().transpose(1, 0, 2, 3).reshape(fr.shape[1], -1)    # (C, all pixels)
-        np.testing.assert_allclose(getattr(model, f"feat_mean{i}").numpy(), a.mean(1), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(getattr(model, f"feat_std{i}").numpy(), a.std(1), rtol=1e-4, atol=1e-5)
-        z = fn.double().numpy().transpose(1, 0, 2, 3).reshape(fn.shape[1], -1)
-        np.testing.assert_allclose(z.mean(1), 0, atol=1e-4)
-        np.testing.assert_allclose(z.std(1), 1, atol=1e-3)
-    # a state dict saved before the statistics existed loads as identity (its scores do not change)
-    off = models.create_model("dvad", pretrained=False, **D.DVADConfig.tiny().to_dict()).eval()
-    sd = {k: v for k, v in off.state_dict().items() if not k.startswith("feat_")}
-    again = models.create_model("dvad", pretrained=False, **D.DVADConfig.tiny().to_dict()).eval()
-    again.load_state_dict(sd, strict=True)
-    assert all(torch.equal(getattr(again, f"feat_std{i}"), torch.ones_like(getattr(again, f"feat_std{i}")))
-               for i in range(3))
+        for f, r in zip(feats, raw):
+            torch.testing.assert_close(f, F.avg_pool2d(r, 3, 1, 1, count_include_pad=False))
+        recs, _ = model.decode(feats)
+        amap, score = model(x)
+        want, _ = L.cosine_anomaly_map(feats[1:], recs[1:], (64, 64), cfg["blur_sigma"], 0.0)
+        torch.testing.assert_close(amap, want)
+        k = round(64 * 64 * 0.01)
+        torch.testing.assert_close(score, want.flatten(1).topk(k, dim=1).values.mean(1))
+    # the same weights as an old checkpoint: no recipe_version in the state dict
+    sd = {k: v for k, v in model.state_dict().items() if k != "recipe_version"}
+    old = models.create_model(name, pretrained=False, **cfg).eval()
+    old.load_state_dict(sd, strict=True)
+    assert int(old.recipe_version) == 0
     with torch.no_grad():
-        torch.testing.assert_close(again(x[:2])[1], off(x[:2])[1])
+        raw_recs, _ = old.decode(raw)
+        want_old = L.cosine_anomaly_map(raw, raw_recs, (64, 64), cfg["blur_sigma"], 0.0)
+        got = old(x)
+    torch.testing.assert_close(got[0], want_old[0])
+    torch.testing.assert_close(got[1], want_old[0].amax(dim=(1, 2, 3)))
+    # re-saved, it stays old; a new model's state dict says new
+    again = models.create_model(name, pretrained=False, **cfg).eval()
+    again.load_state_dict(old.state_dict())
+    assert again._legacy and not model._legacy and int(model.state_dict()["recipe_version"]) == 1
