@@ -3,23 +3,26 @@
 After Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022), written
 here from the method, on the same frozen encoders as the other models (no gradient training):
 
-  patch features  the encoder's maps at `layers` (default strides 8 and 16, PatchCore's mid-level
-                  layer2 + layer3), each averaged over its `patch_size` x `patch_size`
-                  neighbourhood (local aggregation, stride 1), resampled to the grid of the first
-                  layer (bilinear) and concatenated: one D-dim feature per grid cell (D = 152 for
-                  Lite0 strides 8 + 16; 32 x 32 cells at 256 px).
+  patch features  the encoder's maps at `layers`, each averaged over its `patch_size` x
+                  `patch_size` neighbourhood (local aggregation, stride 1), L2-normalised per layer
+                  (`l2_normalize`), resampled to the grid of the first layer (bilinear) and
+                  concatenated: one D-dim feature per grid cell.
   memory          every patch of every training image (one memory for all classes: unified),
                   subsampled by greedy k-center coreset (`models.memory.greedy_coreset`, on a
                   `coreset_dim`-d random projection) to `coreset_ratio` of the patches (PatchCore
                   uses 1-10 %). `prepare()` writes the row count into `config.memory_rows`, so
                   the checkpoint rebuilds a buffer of the right shape.
   score           patch score = Euclidean distance to the nearest memory row (`knn` > 1: mean of
-                  the k nearest), as |f|^2 - 2 f.m + |m|^2 by matmul + top-k
-                  (`models.memory.knn_distance`: exports to ONNX / AOTInductor); the map is the
-                  bilinearly upsampled, blurred patch scores, the image score its maximum.
+                  the k nearest; on unit-length features a cosine distance), as |f|^2 - 2 f.m +
+                  |m|^2 by matmul + top-k (`models.memory.knn_distance`: exports to ONNX /
+                  AOTInductor); the map is the bilinearly upsampled, blurred patch scores, the
+                  image score its maximum.
 
-Memory size: memory_rows x D float32 (~0.6 KiB a row at D = 152): 1 % of 686 magnetic-tile
-images x 1024 cells = 7,025 rows = 4.3 MB; scoring costs a (1024 x D) @ (D x rows) matmul per image.
+Defaults (chosen on the validation set of models.validation, benchmarks/RESULTS.md section 12):
+the stride-16 map alone (PatchCore's layer2 + layer3 at strides 8 + 16 scored 84.0 image AUROC
+there, stride 16 alone 88.3), unit-length features (raw Euclidean: 62.5), 10 % coreset. On Lite0
+at 256 px: 16 x 16 cells of 112 dims per image; 10 % of 686 magnetic-tile images = 17,562 rows =
+7.5 MB of memory; scoring is a (256 x 112) @ (112 x 17,562) matmul per image.
 """
 from __future__ import annotations
 
@@ -41,10 +44,10 @@ class PatchCoreConfig(ConfigBase):
     input_size: int = 256
     encoder: str = "efficientnet_lite0"
     encoder_weights: Optional[str] = None
-    layers: Tuple[int, ...] = (1, 2)          # encoder taps (indices of strides 4, 8, 16)
+    layers: Tuple[int, ...] = (2,)            # encoder taps (indices of strides 4, 8, 16)
     patch_size: int = 3                       # local neighbourhood averaged into each patch feature
-    l2_normalize: bool = False                # unit-length features per layer (distance ~ cosine)
-    coreset_ratio: float = 0.01               # fraction of all training patches kept
+    l2_normalize: bool = True                 # unit-length features per layer (distance ~ cosine)
+    coreset_ratio: float = 0.1                # fraction of all training patches kept
     coreset_dim: int = 128                    # random projection for the coreset distances (0 = none)
     max_memory: int = 0                       # cap on the rows (0 = none)
     memory_rows: int = 0                      # set by prepare(); what the checkpoint's buffer holds

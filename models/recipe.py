@@ -2,7 +2,7 @@
 
 A reconstruction model has a frozen encoder giving maps at strides 4 / 8 / 16 and a trainable
 decoder rebuilding them; `ReconstructionModel` holds what they share, `ReconRecipe` the config
-fields of the recipe (benchmarks/RESULTS.md section 8 has the ablations that chose the defaults):
+fields of the recipe (benchmarks/RESULTS.md section 12 has the ablations that chose the defaults):
 
   targets     `encode(x)`: the frozen encoder maps, each averaged over `feature_pool` x
               `feature_pool` neighbourhoods (stride 1; 1 = as they are): what the decoder

@@ -74,9 +74,11 @@ def _normalise(img_u8, pp):
     return (x - torch.tensor(pp.mean).view(3, 1, 1)) / torch.tensor(pp.std).view(3, 1, 1)
 
 
-def test_patch_features_and_scores_match_an_independent_reference():
+@pytest.mark.parametrize("l2", [False, True])
+def test_patch_features_and_scores_match_an_independent_reference(l2):
     torch.manual_seed(0)
-    cfg = PatchCoreConfig(input_size=48, coreset_ratio=0.25, knn=2, layers=(0, 2), patch_size=3, coreset_dim=0)
+    cfg = PatchCoreConfig(input_size=48, coreset_ratio=0.25, knn=2, layers=(0, 2), patch_size=3, coreset_dim=0,
+                          l2_normalize=l2)
     model = PatchCore(cfg, pretrained=False).eval()         # random encoder: the maths is under test
     train = torch.randn(5, 3, 48, 48)
     model.prepare([train[:2], {"image": train[2:]}])
@@ -90,13 +92,15 @@ def test_patch_features_and_scores_match_an_independent_reference():
             s = F.conv2d(F.pad(f, (1, 1, 1, 1)), torch.ones(f.shape[1], 1, 3, 3), groups=f.shape[1])
             c = F.conv2d(F.pad(ones, (1, 1, 1, 1)), torch.ones(1, 1, 3, 3))
             return s / c
-        ref = torch.cat([agg(f4), F.interpolate(agg(f16), size=f4.shape[-2:], mode="bilinear",
-                                                align_corners=False)], 1)
+        unit = (lambda f: F.normalize(f, dim=1)) if l2 else (lambda f: f)
+        ref = torch.cat([unit(agg(f4)), unit(F.interpolate(agg(f16), size=f4.shape[-2:], mode="bilinear",
+                                                           align_corners=False))], 1)
         ref = ref.flatten(2).transpose(1, 2).reshape(-1, ref.shape[1])
     n_patches = ref.shape[0]
     assert model.config.memory_rows == round(0.25 * n_patches) == model.memory.shape[0]
-    # every memory row is one of the training patches, none repeated
-    d = torch.cdist(model.memory, ref)
+    # every memory row is one of the training patches, none repeated (exact distances: cdist's matmul
+    # path cancels to ~1e-3 on unit-length rows)
+    d = torch.cdist(model.memory, ref, compute_mode="donot_use_mm_for_euclid_dist")
     assert (d.min(1).values < 1e-4).all() and len(set(d.argmin(1).tolist())) == model.memory.shape[0]
     test = torch.randn(3, 3, 48, 48) * 1.2
     with torch.no_grad():
@@ -111,11 +115,11 @@ def test_patch_features_and_scores_match_an_independent_reference():
 
 
 def test_checkpoint_round_trip_rebuilds_the_memory_shape(tmp_path):
-    cfg = PatchCoreConfig.tiny()
+    cfg = PatchCoreConfig.tiny(layers=(1, 2))
     model = PatchCore(cfg, pretrained=False).eval()
     model.prepare([torch.randn(4, 3, 64, 64)])
     rows = model.config.memory_rows
-    assert rows == round(0.1 * 4 * 8 * 8) and model.memory.shape == (rows, 152)
+    assert rows == round(0.1 * 4 * 8 * 8) and model.memory.shape == (rows, 40 + 112)
     save_checkpoint(model, tmp_path / "pc.pt")
     meta = json.loads(torch.load(tmp_path / "pc.pt", weights_only=True)["meta_json"])
     assert meta["config"]["memory_rows"] == rows
@@ -144,8 +148,8 @@ def test_max_memory_caps_the_rows():
 def test_separates_synthetic_defects(kind):
     from sklearn.metrics import roc_auc_score
 
-    size = 96
-    model = PatchCore(PatchCoreConfig(input_size=size, coreset_ratio=0.1), pretrained=True).eval()
+    size = 128     # the default stride-16 grid: 8 x 8 cells (at 96 px, 6 x 6 cells localise the object's defects at 0.79)
+    model = PatchCore(PatchCoreConfig(input_size=size), pretrained=True).eval()
     rng = np.random.default_rng(1)
     pp = model.preprocess
     train = torch.stack([_normalise(render_sample(kind, size, rng)[0], pp) for _ in range(24)])
@@ -155,9 +159,9 @@ def test_separates_synthetic_defects(kind):
     x = torch.stack([_normalise(im, pp) for im in good + [b[0] for b in bad]])
     with torch.no_grad():
         amap, score = model(x)
-    assert roc_auc_score([0] * 8 + [1] * 8, score.numpy()) > 0.9          # measured 0.97 / 1.0
+    assert roc_auc_score([0] * 8 + [1] * 8, score.numpy()) > 0.9          # measured 0.95 / 0.97
     masks = np.stack([b[1] for b in bad]).astype(bool)
-    assert roc_auc_score(masks.ravel(), amap[8:, 0].numpy().ravel()) > 0.8   # measured 0.85 / 0.95
+    assert roc_auc_score(masks.ravel(), amap[8:, 0].numpy().ravel()) > 0.8   # measured 0.95 / 0.89
 
 
 def test_onnx_export_matches_pytorch(tmp_path):
