@@ -2,7 +2,7 @@
 
     python benchmarks/latency.py --ckpt model.pt [--backends torch,compile,ort,ort-cuda,ort-trt,trt,aoti]
         [--batch 1,8,32] [--precision fp32,fp16,int8] [--size 256] [--device cpu|cuda] [--reps N]
-        [--quick] [--out DIR] [--compare OLD.json] [--make-bench]
+        [--quick] [--out DIR] [--compare OLD.json] [--make-bench] [--workdir DIR]
 
 What one row measures: the deployed contract end to end - host uint8 frames (B, S, S, 3) NHWC in,
 host numpy results out (anomaly map, score, normalised score, verdict, uint8 heat map): copy in,
@@ -480,12 +480,15 @@ class EngineRunner(Runner):
         module, names, file_name, engine_backend = self.EXPORTERS[self.backend]
         export_fn = _probe(module, names)
         load_engine = _probe("runtime.engines", ("load_engine",))
-        path = self.workdir / f"{self.precision}.{file_name}"
+        path = self.workdir / f"{self.precision}.{self.device.replace(':', '')}.b{self.max_batch}.{file_name}"
         onnx_fp32 = self.workdir / "model.onnx"
-        _call_exporter(export_fn, self.model, path, frame_hw=(self.size, self.size), frame_channels=3,
-                       precision=self.precision, device=self.device, check=False, quiet=True,
-                       min_batch=1, opt_batch=min(8, self.max_batch), max_batch=self.max_batch,
-                       onnx_fp32=onnx_fp32 if onnx_fp32.is_file() else None)
+        if path.is_file():   # left in --workdir by an earlier run of the same model
+            self.notes.append("artifact reused from --workdir (load_s excludes its export)")
+        else:
+            _call_exporter(export_fn, self.model, path, frame_hw=(self.size, self.size), frame_channels=3,
+                           precision=self.precision, device=self.device, check=False, quiet=True,
+                           min_batch=1, opt_batch=min(8, self.max_batch), max_batch=self.max_batch,
+                           onnx_fp32=onnx_fp32 if onnx_fp32.is_file() else None)
         self.artifact = str(path)
         self.engine = load_engine(path, backend=engine_backend, device=self.device)
         self.stats = self.model.score_stats
@@ -1001,6 +1004,9 @@ def parse_args(argv=None):
                    help="what `make bench` runs: small DVAD (trained briefly on synthetic data when "
                         "models.train is available), the CPU set, benchmarks/out/latency.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--workdir", default=None,
+                   help="keep exported artifacts here and reuse those an earlier run of the same model left "
+                        "(default: a temporary folder, removed afterwards)")
     p.add_argument("--ort-threads", type=int, default=0,
                    help="intra-op threads of the ONNX Runtime sessions (default 0: the engine's default)")
     p.add_argument("--ort-profile", type=int, default=0, metavar="N",
@@ -1089,7 +1095,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[bench] model: {source}")
-    with tempfile.TemporaryDirectory(prefix="edge_ad_latency_") as work:
+    with contextlib.ExitStack() as stack:
+        if a.workdir:
+            work = pathlib.Path(a.workdir)
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="edge_ad_latency_"))
         result = run_benchmark(model, ref, s, work, progress=not a.no_progress)
     result["model_source"] = source
     if old is not None:

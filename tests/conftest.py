@@ -1,7 +1,13 @@
-"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit module loads."""
+"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit module loads: without
+a CUDA device the Triton kernels run under the interpreter (numpy, on CPU); with one they run on
+the GPU. An explicit TRITON_INTERPRET in the environment wins (benchmarks/gpu_check.py sets 0 on
+the GPU and 1 in its CPU dry run)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 import pathlib  # noqa: E402
 

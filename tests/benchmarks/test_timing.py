@@ -102,6 +102,7 @@ def test_device_memory_on_cpu_reports_nothing():
     assert "not a CUDA" in dm.method
 
 
+@pytest.mark.cuda
 def test_cuda_clock_measures_device_work():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
