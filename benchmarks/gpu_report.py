@@ -42,7 +42,7 @@ def goals(res: dict) -> List[dict]:
     out = []
     t = res.get("tests")
     ok = None if not t else (not t["failed"] and not t["errors"] and t["passed"] > 0)
-    out.append({"goal": "every CUDA test passes (pytest -m cuda)", "target": "0 failed, 0 errors",
+    out.append({"goal": "every CUDA test passes (pytest --stack cuda)", "target": "0 failed, 0 errors",
                 "value": None if not t else f"{t['passed']} passed, {len(t['failed'])} failed, "
                                             f"{len(t['errors'])} errors, {t['skipped']} skipped",
                 "verdict": _verdict(ok, False)})
@@ -105,7 +105,7 @@ def _tests(res) -> List[str]:
     if not t:
         return ["Not run (see the steps table)."]
     lines = [f"{t['passed']} passed, {len(t['failed'])} failed, {len(t['errors'])} errors, {t['skipped']} skipped "
-             f"({t['total']} selected by `-m cuda`)."]
+             f"({t['total']} selected by `--stack cuda`)."]
     for f in t["failed"] + t["errors"]:
         lines.append(f"- FAILED `{f['test']}`: {f['message']}")
     if t["skip_reasons"]:
@@ -198,7 +198,7 @@ def markdown(res: dict, latency_md: Dict[str, pathlib.Path]) -> str:
     lines += ["", "## Steps", ""] + _steps_table(res)
     if res.get("rerun"):
         lines += ["", f"Not reached or cut at their limit; to run just those: `{res['rerun']}`"]
-    lines += ["", "## Correctness on CUDA: `pytest -m cuda`", ""] + _tests(res)
+    lines += ["", "## Correctness on CUDA: `pytest --stack cuda`", ""] + _tests(res)
     lines += ["", "## Kernel speed: `benchmarks/gpu_kernels.py`", ""] + _kernels(res)
     lines += ["", "## Model latency: `benchmarks/latency.py` per model"] + _latency(res, latency_md)
     lines += ["", "## Stream: `runtime.stream` on a simulated line camera", ""] + _stream(res)

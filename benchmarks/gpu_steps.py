@@ -183,7 +183,7 @@ def build_models(names, out: pathlib.Path, device: str, dry_run: bool) -> dict:
 def export_stream_engine(ckpt, out: pathlib.Path, device: str, max_batch: int) -> dict:
     """The AOTInductor package the stream runs: Mono8 tiles (the line simulator is gray) at the
     model's input size, batch 1..max_batch, on `device`. The parity gate is the tests' job (the
-    `cuda`-marked AOTInductor test); here only the package is built."""
+    stack("cuda") AOTInductor test); here only the package is built."""
     from export.aoti import export_aoti
 
     path = out / "model.pt2"

@@ -1,7 +1,7 @@
 """Selective-scan benchmark (not a test): every CPU lowering against the sequential reference
 at MambaAD's decoder shapes, plus the MoE gate; GPU rows only where CUDA is present.
 
-Shapes (DESIGN.md section 3): decoder stages dim 512/256/128/64 at 8x8/16x16/32x32/64x64, so
+Shapes (docs/design.md section 4): decoder stages dim 512/256/128/64 at 8x8/16x16/32x32/64x64, so
 L = 64, 256, 1024, 4096; expand 2 and 8 scan directions stacked as groups give
 D = 16 * dim channels (8192, 4096, 2048, 1024), G = 8, N = 16, batch 1, delta softplus with
 bias, D skip, no z (MambaAD gates outside the scan).

@@ -30,8 +30,10 @@ if __package__ in (None, ""):   # `python benchmarks/precision.py`: make the rep
 
 import numpy as np
 
+from deploy import ArtifactError, load_engine, read_metadata
+from deploy.contract import PRECISIONS
+
 SCHEMA = "edge-ad-precision/1"
-PRECISIONS = ("fp32", "fp16", "int8")
 INT8_KEYS = ("calib_method", "calib_percentile", "n_calib", "int8_weights", "int8_ops", "int8_keep",
              "int8_fp32_consumers")
 
@@ -103,21 +105,19 @@ def load_test_set(data, size: int, channels: Optional[int] = None, limit: int = 
 
 def run_onnx(path, frames: np.ndarray, batch: int = 8, progress: bool = True, desc: str = "ort",
              threads: int = 0) -> Tuple[np.ndarray, np.ndarray, float]:
-    """(scores (N,), maps (N, S, S), seconds) from ONNX Runtime CPU, `batch` frames per call."""
-    import onnxruntime as ort
+    """(scores (N,), maps (N, S, S), seconds) from the deployed ONNX Runtime CPU engine
+    (deploy.load_engine), `batch` frames per call."""
     from tqdm import tqdm
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     scores, maps = [], []
-    t = time.perf_counter()
-    for i in tqdm(range(0, len(frames), batch), desc=desc, unit="batch", disable=not progress):
-        amap, score = sess.run(["anomaly_map", "score"], {"frames": frames[i:i + batch]})
-        scores.append(np.asarray(score).reshape(-1))
-        maps.append(amap[:, 0])
-    return np.concatenate(scores), np.concatenate(maps), time.perf_counter() - t
+    with load_engine(path, backend="ort-cpu", threads=threads) as engine:
+        t = time.perf_counter()
+        for i in tqdm(range(0, len(frames), batch), desc=desc, unit="batch", disable=not progress):
+            out = engine.infer(frames[i:i + batch])
+            scores.append(np.asarray(out["score"]).reshape(-1))
+            maps.append(out["anomaly_map"][:, 0])
+        secs = time.perf_counter() - t
+    return np.concatenate(scores), np.concatenate(maps), secs
 
 
 def aurocs(labels, masks, scores, maps) -> Tuple[float, float]:
@@ -168,8 +168,6 @@ def run_precision(ckpt, data, *, precisions: Sequence[str] = PRECISIONS, limit: 
         raise BenchError(f"--ckpt: {e}") from None
     size = int(model.preprocess.input_size)
     if onnx_fp32 is not None:        # a reused export fixes the frame size and channels
-        from export.artifacts import ArtifactError, read_metadata
-
         if not pathlib.Path(onnx_fp32).is_file():
             raise BenchError(f"--onnx-fp32: {onnx_fp32} does not exist")
         try:
@@ -207,8 +205,6 @@ def run_precision(ckpt, data, *, precisions: Sequence[str] = PRECISIONS, limit: 
             build_s[prec] = time.perf_counter() - t
     except (ExportError, ExportArgError) as e:
         raise BenchError(str(e)) from None
-    from export.artifacts import read_metadata
-
     rows = []
     ref = None
     for prec in precisions:

@@ -5,7 +5,7 @@
     python -m benchmarks.serve --demo [--size 256]     # exports a PaDiM artifact first
 
 What runs (all on this host; the server's tritonserver and the clients share its cores):
-  in-process      engine.infer(frames) in this process (runtime.engines.load_engine)
+  in-process      engine.infer(frames) in this process (deploy.load_engine)
   served grpc     RemoteEngine over gRPC to `python -m runtime.serve` (a subprocess) on 127.0.0.1
   served http     the same over HTTP
 Sequential latency: one request at a time, the three candidates interleaved round-robin
@@ -30,6 +30,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from benchmarks.env import JetsonProbe, host_info
 from benchmarks.timing import Candidate, interleaved, summarize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def demo_artifact(out_dir: pathlib.Path, size: int = 256, channels: int = 1) -> 
 
     import models
     from export.onnx import export_onnx
-    from models.deploy import DeployModule
+    from deploy.graph import DeployModule
 
     torch.manual_seed(0)
     model = models.create_model("padim", input_size=size).eval()
@@ -80,7 +81,7 @@ class ServedEngine:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout=180):
-        from runtime.remote import RemoteEngine, RemoteError
+        from deploy.remote import RemoteEngine, RemoteError
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -127,8 +128,8 @@ def throughput(fn, frames_per_call: int, concurrency: int, calls: int) -> Dict[s
 
 def run(engine_path, backend=None, threads=0, requests=200, batch=1, concurrency=8, max_batch=8,
         queue_delay_us=2000, seed=0, log=None) -> dict:
-    from runtime.engines import load_engine
-    from runtime.remote import RemoteEngine
+    from deploy import load_engine
+    from deploy.remote import RemoteEngine
 
     local = load_engine(engine_path, backend=backend, threads=threads)
     h, w = local.frame_hw
@@ -200,25 +201,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     engine = a.engine
     if a.demo:
         engine = demo_artifact(ROOT / "benchmarks" / "out" / "serve_demo", size=a.size)
-    try:
-        from benchmarks.latency import JetsonProbe, host_info
-    except ImportError:  # pragma: no cover
-        JetsonProbe, host_info = None, None
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    probe = JetsonProbe() if JetsonProbe else None
-    if probe:
-        probe.__enter__()
-    try:
+    with JetsonProbe() as probe:
         res = run(engine, a.backend, a.threads, a.requests, a.batch, a.concurrency, a.max_batch,
                   a.max_queue_delay_us, log=out.with_suffix(".server.log"))
-    finally:
-        if probe:
-            probe.__exit__(None, None, None)
     res["command"] = "python -m benchmarks.serve " + " ".join(sys.argv[1:] if argv is None else argv)
-    res["host"] = host_info("cpu") if host_info else {}
-    res["jetson"] = probe.report() if probe else "not available"
+    res["host"] = host_info("cpu")
+    res["jetson"] = probe.report()
     # other work on the host skews every number: record the load around the run
     res["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     out.write_text(json.dumps(res, indent=2, default=str))

@@ -31,7 +31,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):   # run as a script: the repo root before benchmarks/ (whose kernels.py
     sys.path.insert(0, str(ROOT))  # would shadow the kernels package)
 
-from runtime.engines import load_engine  # noqa: E402
+from deploy import load_engine  # noqa: E402
+from deploy.graph import DeployModule  # noqa: E402
+from export.onnx import export_onnx  # noqa: E402
 from runtime.pipeline import Pipeline, StreamConfig  # noqa: E402
 from runtime.sources import open_source  # noqa: E402
 
@@ -41,13 +43,12 @@ def sim_uri(width: int, rate: float, lines: int, seed: int = 0) -> str:
 
 
 def fit_standin(out_dir: pathlib.Path, tile: int, width: int, n_fit: int = 64) -> pathlib.Path:
-    """PaDiM fitted on defect-free simulator tiles, calibrated, exported to ONNX (or kept as .pt)."""
+    """PaDiM fitted on defect-free simulator tiles, calibrated, exported to ONNX."""
     import torch
 
     import models
     from models.base import ScoreStats
     from models.checkpoint import save_checkpoint
-    from models.deploy import DeployModule
 
     src = open_source(sim_uri(width, 0, 64))
     rng = np.random.default_rng(0)
@@ -69,10 +70,6 @@ def fit_standin(out_dir: pathlib.Path, tile: int, width: int, n_fit: int = 64) -
                                    map_low=float(amap.min()), map_threshold=float(amap.max()) * 1.15,
                                    method="benchmark stand-in: 1.15 x max held-out normal", n_images=16)
     ckpt = save_checkpoint(model, out_dir / "model.pt")
-    try:
-        from export.onnx import export_onnx
-    except ImportError:
-        return ckpt
     return export_onnx(ckpt, out_dir / "model.onnx", frame_hw=(tile, tile), frame_channels=1,
                        check=False, quiet=True).path
 

@@ -15,7 +15,6 @@ What they measure, and how:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import sys
@@ -103,36 +102,6 @@ class Clock:
         fn()
         self.last_host_ms = (time.perf_counter_ns() - t0) / 1e6
         return self.last_host_ms
-
-
-class StageTimer:
-    """Per-stage wall times of one pipeline call: `with st.stage("infer"): ...`.
-
-    On CUDA each stage boundary synchronises, so the split is exact but the sum can exceed an
-    unsplit run slightly (the overlap between stages is lost); the benchmark reports both.
-    """
-
-    def __init__(self, device="cpu"):
-        self.clock = Clock(device)
-        self.samples: Dict[str, List[float]] = {}
-        self._order: List[str] = []
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        self.clock.sync()
-        t0 = time.perf_counter_ns()
-        try:
-            yield
-        finally:
-            self.clock.sync()
-            ms = (time.perf_counter_ns() - t0) / 1e6
-            if name not in self.samples:
-                self.samples[name] = []
-                self._order.append(name)
-            self.samples[name].append(ms)
-
-    def medians(self) -> Dict[str, float]:
-        return {k: float(np.median(self.samples[k])) for k in self._order}
 
 
 @dataclass

@@ -6,7 +6,10 @@
     python -m export.trt_compat  model.onnx        static TensorRT parser compatibility check
     python -m export.aoti        --ckpt model.pt   AOTInductor package (.pt2)
     python -m export.triton_repo --ckpt model.pt --out REPO   Triton Inference Server repository
+    (export.precision: the fp16 / int8 ONNX passes; export.triton_ensemble: pre/post around bare engines)
 
 `export.formats` holds the one table of formats (`python -m export.formats` prints it as
-Markdown); `export.artifacts.read_metadata` is what the runtime uses to read any artifact.
+Markdown). What an artifact is (metadata, sidecar, hashes) and how it is run is the deploy
+layer's: `deploy.read_metadata`, `deploy.load_engine`; the parity gate loads every artifact
+through the latter, so the engine it certifies is the engine runtime.stream and runtime.serve use.
 """

@@ -1,13 +1,22 @@
-"""Small helpers shared by the exporters: model loading, scan lowering switch, CLI plumbing."""
+"""Small helpers shared by the exporters: model loading, metadata, scan lowering switch, CLI plumbing."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import pathlib
 import sys
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
+import onnx
 import torch
+
+import kernels
+from deploy import ArtifactError
+from models.checkpoint import CheckpointError, checkpoint_metadata, load_checkpoint
+
+from .formats import ExportArgError, add_cli_args, cli_kwargs
 
 
 class ExportError(RuntimeError):
@@ -18,8 +27,6 @@ def load_model(ckpt):
     """A checkpoint path (model.pt) or an already built AnomalyModel -> model in eval mode."""
     if isinstance(ckpt, torch.nn.Module):
         return ckpt.eval()
-    from models.checkpoint import load_checkpoint
-
     return load_checkpoint(ckpt).eval()
 
 
@@ -27,34 +34,25 @@ def model_source(ckpt) -> str:
     return str(ckpt) if not isinstance(ckpt, torch.nn.Module) else f"<{type(ckpt).__name__} object>"
 
 
+def build_metadata(model, **export: Any) -> Dict[str, Any]:
+    """The artifact metadata (deploy.artifacts): checkpoint_metadata(model) + an "export" dict
+    (the given fields + creation time); the onnx version joins the recorded versions."""
+    meta = checkpoint_metadata(model)
+    ex = dict(export)
+    ex.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    meta["versions"]["onnx"] = onnx.__version__
+    meta["export"] = json.loads(json.dumps(ex))
+    return meta
+
+
 @contextlib.contextmanager
 def scan_lowering(mode: str):
-    """Select how `kernels.selective_scan` lowers while exporting: "chunked" or "plugin".
-
-    Adapter over the KERNELS engineer's `kernels.export_mode` (kernels/lowering.py); fails
-    clearly when the plugin lowering is asked for and the kernels package lacks it.
-    """
-    import kernels
-
+    """Select how `kernels.selective_scan` lowers while exporting: "chunked" or "plugin"
+    (kernels.export_mode, kernels/lowering.py)."""
     if mode not in ("chunked", "plugin"):
         raise ValueError(f"scan: expected 'chunked' or 'plugin', got {mode!r}")
-    ctx = getattr(kernels, "export_mode", None)
-    if ctx is None:
-        if mode == "plugin":
-            raise ExportError("scan=plugin needs kernels.export_mode (the plugin lowering); this "
-                              "kernels package does not provide it - use --scan chunked")
+    with kernels.export_mode(mode):
         yield
-        return
-    with ctx(mode):
-        yield
-
-
-def count_plugin_nodes(onnx_model) -> int:
-    try:
-        from kernels.onnx_plugin import count_plugin_nodes as _count
-    except ImportError:
-        return 0
-    return _count(onnx_model)
 
 
 def resolve_out(out, default_name: str) -> pathlib.Path:
@@ -94,10 +92,6 @@ class Steps:
 
 def run_cli(fn: Callable[[], object], quiet_errors: tuple = ()) -> int:
     """Run a CLI body: user errors (bad args/files, failed gates) print one line, exit code 2/1."""
-    from models.checkpoint import CheckpointError
-
-    from .artifacts import ArtifactError
-    from .formats import ExportArgError
 
     try:
         fn()
@@ -113,8 +107,6 @@ def run_cli(fn: Callable[[], object], quiet_errors: tuple = ()) -> int:
 def format_main(format_name: str, prog: str, doc: str, export_fn, argv=None) -> int:
     """The whole CLI of a simple exporter: the format table's flags, one call, print the summary."""
     import argparse
-
-    from .formats import add_cli_args, cli_kwargs
 
     ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     add_cli_args(ap, format_name)

@@ -3,12 +3,12 @@
     python -m export.aoti --ckpt model.pt [--out DIR] [--max-batch 16] [--device cpu|cuda]
         [--frame-size HxW] [--frame-channels 1|3] [--full-res-map]
 
-`torch.export.export` of models.deploy.DeployModule (dynamic batch 1..max_batch; the selective
+`torch.export.export` of deploy.graph.DeployModule (dynamic batch 1..max_batch; the selective
 scan traces to its chunked standard-op form, see kernels/lowering.py) +
 `torch._inductor.aoti_compile_and_package` -> `model.pt2` (+ sidecar). On CUDA, Inductor's
 generated Triton kernels are compiled into the package. The metadata is embedded twice: in the
 AOTInductor package metadata (`runner.get_metadata()["edge_ad"]`) and as a JSON file inside the
-zip (read by export.artifacts without loading the model). Load with
+zip (read by deploy.artifacts without loading the model). Load with
 `torch._inductor.aoti_load_package("model.pt2")` - no model code needed. The parity gate runs
 the loaded package against PyTorch. CPU compilation needs a C++ compiler (gcc/clang).
 """
@@ -27,8 +27,11 @@ from typing import Optional
 
 import torch
 
-from ._common import ExportError, Steps, first_line, load_model, resolve_out
-from .artifacts import META_KEY, build_metadata, write_sidecar
+from deploy.artifacts import write_sidecar
+from deploy.contract import META_KEY
+from deploy.graph import DeployModule
+
+from ._common import ExportError, Steps, build_metadata, first_line, load_model, resolve_out
 from .formats import validate_args
 
 
@@ -66,7 +69,6 @@ def export_aoti(ckpt, out=None, *, frame_hw=None, frame_channels: Optional[int] 
     """Export `ckpt` to an AOTInductor package; `inductor_configs` are passed to Inductor as-is."""
     a = validate_args("aoti", ckpt=ckpt, out=out, frame_hw=frame_hw, frame_channels=frame_channels,
                       full_res_map=full_res_map, max_batch=max_batch, device=device, check=check, images=images, n=n)
-    from models.deploy import DeployModule
 
     dev = a["device"] or "cpu"
     if dev == "cuda" and not torch.cuda.is_available():

@@ -2,8 +2,7 @@
 
     python -m export.check --ckpt model.pt --artifact export_out/model.onnx [--images DIR] [--n 8]
 
-Both sides get the same uint8 frames (real images from a folder, else models.synthetic images,
-else seeded random textures) at the artifact's frame size/channels. The artifact runs at batch 1
+Both sides get the same uint8 frames (real images from a folder, else models.synthetic images) at the artifact's frame size/channels. The artifact runs at batch 1
 (frame by frame) and at batch n (when its batch axis allows it). Compared per output: max abs
 error against per-output tolerances `|a - b| <= atol + rtol * |b|` (tolerances are data, see
 PRESETS), and the rank agreement of the image scores (Spearman and Kendall). The result object
@@ -18,10 +17,12 @@ import pathlib
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
+
+from deploy import Engine, load_engine, read_metadata, write_sidecar
+from deploy.torch_engines import TorchEngine
 
 from ._common import ExportError, load_model
 
@@ -90,6 +91,7 @@ class ParityResult:
     kendall: float
     tolerances: Tolerances
     failures: List[str]
+    engine: Dict[str, object] = field(default_factory=dict)   # the deploy engine that ran the artifact
 
     @property
     def passed(self) -> bool:
@@ -101,7 +103,8 @@ class ParityResult:
 
     def report(self) -> str:
         lines = [f"parity {'PASSED' if self.passed else 'FAILED'}: {self.artifact} vs PyTorch on "
-                 f"{self.n_images} frames ({self.source})",
+                 f"{self.n_images} frames ({self.source}), run by {self.engine.get('class')} "
+                 f"({self.engine.get('backend')})",
                  f"  {'output':<18}{'batch':>6}{'max_abs':>12}{'max_rel':>12}{'atol':>10}{'rtol':>10}  bad"]
         for o in self.outputs:
             lines.append(f"  {o.name:<18}{o.batch:>6}{o.max_abs:>12.3e}{o.max_rel:>12.3e}{o.atol:>10.1e}"
@@ -113,7 +116,7 @@ class ParityResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "source": self.source, "n_images": self.n_images,
+        return {"passed": self.passed, "source": self.source, "n_images": self.n_images, "engine": self.engine,
                 "spearman": self.spearman, "kendall": self.kendall, "failures": list(self.failures),
                 "outputs": [dataclasses.asdict(o) for o in self.outputs]}
 
@@ -172,92 +175,24 @@ def random_frames(n: int, frame_hw, channels: int, seed: int = 0) -> np.ndarray:
 
 
 def synthetic_frames(n: int, frame_hw, channels: int, seed: int = 0) -> Tuple[np.ndarray, str]:
-    """Frames from models.synthetic (good + defective test images) if present, else random."""
-    try:
-        from models.synthetic import generate_dataset
-    except ImportError:
-        generate_dataset = None
-    if generate_dataset is not None:
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                k = max(1, (n + 1) // 2)
-                root = generate_dataset(tmp, classes=("texture",), n_train=1, n_test_good=k,
-                                        n_test_defect=k, size=max(32, min(256, max(frame_hw))), seed=seed)
-                frames, _ = load_frames(pathlib.Path(root) / "texture" / "test", n, frame_hw, channels)
-                if len(frames) >= n:
-                    return frames[:n], f"models.synthetic textures (seed {seed})"
-        except Exception:   # the synthetic generator is a convenience; never block the gate on it
-            pass
-    return random_frames(n, frame_hw, channels, seed), f"seeded random textures (seed {seed})"
+    """n frames from models.synthetic: good and defective 'texture' test images, half each."""
+    from models.synthetic import generate_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        k = max(1, (n + 1) // 2)
+        root = generate_dataset(tmp, classes=("texture",), n_train=1, n_test_good=k, n_test_defect=k,
+                                size=max(32, min(256, max(frame_hw))), seed=seed)
+        frames, _ = load_frames(pathlib.Path(root) / "texture" / "test", n, frame_hw, channels)
+    return frames[:n], f"models.synthetic textures (seed {seed})"
 
 
-# ---- runners ----------------------------------------------------------------------------
-class OnnxRunner:
-    """ONNX Runtime on CPU; graphs with SelectiveScan plugin nodes run through kernels.onnx_plugin."""
-
-    def __init__(self, path, threads: int = 0):
-        import onnx
-        import onnxruntime as ort
-
-        from ._common import count_plugin_nodes
-
-        self.path = str(path)
-        model = onnx.load(self.path)
-        if count_plugin_nodes(model):
-            from kernels.onnx_plugin import ort_session
-
-            self.session = ort_session(model)
-        else:
-            so = ort.SessionOptions()
-            if threads:
-                so.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        b = self.session.get_inputs()[0].shape[0]
-        self.fixed_batch = b if isinstance(b, int) else None
-
-    def __call__(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, {"frames": np.ascontiguousarray(frames)})
-        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(self.output_names, outs)}
-
-
-class AotiRunner:
-    def __init__(self, path, output_names: Sequence[str], fixed_batch: Optional[int] = None):
-        from torch._inductor import aoti_load_package
-
-        self.runner = aoti_load_package(str(path))
-        self.output_names = list(output_names)
-        self.fixed_batch = fixed_batch
-
-    def __call__(self, frames: np.ndarray) -> Dict[str, np.ndarray]:
-        with torch.inference_mode():
-            outs = self.runner(torch.from_numpy(np.ascontiguousarray(frames)))
-        if isinstance(outs, torch.Tensor):
-            outs = [outs]
-        return {k: v.detach().float().numpy() for k, v in zip(self.output_names, outs)}
-
-
-def make_runner(path, meta: dict):
-    suf = pathlib.Path(path).suffix.lower()
-    ex = meta.get("export", {})
-    if suf == ".onnx":
-        return OnnxRunner(path)
-    if suf == ".pt2":
-        batch = ex.get("batch")
-        return AotiRunner(path, ex.get("outputs"), batch if isinstance(batch, int) else None)
-    raise ValueError(f"artifact: {path}: no CPU runner for {suf} files (supported: .onnx, .pt2)")
-
-
-def _run_batched(fn, frames: np.ndarray, batch: int) -> Dict[str, np.ndarray]:
+def run_in_batches(engine, frames: np.ndarray, batch: int) -> Dict[str, np.ndarray]:
+    """engine.infer on consecutive chunks of `batch` frames, outputs concatenated (the gate runs
+    every artifact at batch 1 and at batch n; Engine.infer pads for fixed-batch engines)."""
     parts: Dict[str, list] = {}
-    n = len(frames)
-    for i in range(0, n, batch):
-        chunk = frames[i:i + batch]
-        k = len(chunk)
-        if k < batch:   # fixed-batch artifact: pad with copies of the last frame
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - k, axis=0)])
-        for name, v in fn(chunk).items():
-            parts.setdefault(name, []).append(v[:k])
+    for i in range(0, len(frames), batch):
+        for name, v in engine.infer(frames[i:i + batch]).items():
+            parts.setdefault(name, []).append(np.asarray(v, dtype=np.float32))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -305,24 +240,33 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
     return (float(rho) if np.isfinite(rho) else 0.0), (float(tau) if np.isfinite(tau) else 0.0)
 
 
-def reference_outputs(model, frames: np.ndarray, frame_hw, frame_channels: int, full_res_map: bool):
-    """PyTorch eager DeployModule on the frames (the side the artifact must match)."""
-    from models.deploy import DeployModule
+# the parity gate checks artifacts on the CPU this machine certainly has (AOTInductor packages
+# compiled for CUDA: on the GPU they were compiled on)
+_CPU_BACKEND = {".onnx": "ort-cpu", ".pt2": "aoti"}
 
-    dm = DeployModule(model, frame_hw=frame_hw, frame_channels=frame_channels, full_res_map=full_res_map).eval()
-    with torch.inference_mode():
-        outs = dm(torch.from_numpy(np.ascontiguousarray(frames)))
-    return {k: v.float().numpy() for k, v in zip(dm.output_names, outs)}
+
+def _compare_batches(engine, frames, ref, batches, tolerances):
+    """(comparisons, failures, the artifact's first image scores) over the gate's batch sizes."""
+    comps, failures, got_scores = [], [], None
+    for b in batches:
+        got = run_in_batches(engine, frames, b)
+        c, f = compare_outputs(ref, got, tolerances, b)
+        comps += c
+        failures += f
+        if got_scores is None and "score" in got:
+            got_scores = got["score"]
+    return comps, failures, got_scores
 
 
 def check_artifact(ckpt, artifact, images=None, n: int = 8, tolerances=None, seed: int = 0,
-                   meta: Optional[dict] = None, runner=None) -> ParityResult:
+                   meta: Optional[dict] = None, engine: Optional[Engine] = None) -> ParityResult:
     """Compare `artifact` with the PyTorch model `ckpt` (path or model); returns ParityResult.
 
+    Both sides are deploy engines: the artifact is opened by `deploy.load_engine` (the loader
+    runtime.stream and runtime.serve use; `engine` passes one already open, e.g. on a GPU), the
+    reference is deploy.TorchEngine (the same DeployModule graph, eager PyTorch).
     tolerances: a Tolerances, a PRESETS key, or None (the preset of the artifact's precision).
     """
-    from .artifacts import read_metadata
-
     model = load_model(ckpt)
     meta = meta if meta is not None else read_metadata(artifact)
     ex = meta.get("export", {})
@@ -339,31 +283,33 @@ def check_artifact(ckpt, artifact, images=None, n: int = 8, tolerances=None, see
         frames, source = load_frames(images, n, frame_hw, ch)
     else:
         frames, source = synthetic_frames(n, frame_hw, ch, seed)
-    ref = reference_outputs(model, frames, frame_hw, ch, full)
-    runner = runner if runner is not None else make_runner(artifact, meta)
-    fixed = getattr(runner, "fixed_batch", None)
-    batches = [fixed] if fixed else sorted({1, len(frames)})
-    comps, failures = [], []
-    got_scores = None
-    for b in batches:
-        got = _run_batched(runner, frames, b)
-        c, f = compare_outputs(ref, got, tolerances, b)
-        comps += c
-        failures += f
-        if got_scores is None and "score" in got:
-            got_scores = got["score"]
+    with TorchEngine(model, frame_hw=frame_hw, frame_channels=ch, full_res_map=full) as reference:
+        ref = reference.infer(frames)
+    own = engine is None
+    if own:
+        suffix = pathlib.Path(artifact).suffix.lower()
+        # an AOTInductor package runs only on the device it was compiled for (its metadata says which)
+        device = (ex.get("device") or "cpu") if suffix == ".pt2" else "cpu"
+        engine = load_engine(artifact, backend=_CPU_BACKEND.get(suffix), meta=meta, device=device)
+    try:
+        batches = [engine.static_batch] if engine.static_batch else sorted({1, len(frames)})
+        comps, failures, got_scores = _compare_batches(engine, frames, ref, batches, tolerances)
+        used = {"class": f"{type(engine).__module__}.{type(engine).__qualname__}", "backend": engine.backend}
+    finally:
+        if own:
+            engine.close()
     rho, tau = (rank_agreement(ref["score"], got_scores) if got_scores is not None else (0.0, 0.0))
     if len(frames) >= 3:
         if rho < tolerances.min_spearman:
             failures.append(f"image-score Spearman {rho:.4f} < {tolerances.min_spearman}")
         if tau < tolerances.min_kendall:
             failures.append(f"image-score Kendall {tau:.4f} < {tolerances.min_kendall}")
-    return ParityResult(str(artifact), source, len(frames), comps, rho, tau, tolerances, failures)
+    return ParityResult(str(artifact), source, len(frames), comps, rho, tau, tolerances, failures, used)
 
 
-def gate(ckpt, artifact, meta: dict, images=None, n: int = 8, tolerances=None, runner=None) -> ParityResult:
+def gate(ckpt, artifact, meta: dict, images=None, n: int = 8, tolerances=None, engine=None) -> ParityResult:
     """check_artifact, raising ParityError with the report when it fails."""
-    res = check_artifact(ckpt, artifact, images=images, n=n, tolerances=tolerances, meta=meta, runner=runner)
+    res = check_artifact(ckpt, artifact, images=images, n=n, tolerances=tolerances, meta=meta, engine=engine)
     if not res.passed:
         raise ParityError(res, artifact)
     return res
@@ -373,8 +319,6 @@ def gate_and_record(model, path, sidecar, meta: dict, images=None, n: int = 8) -
     """The exporters' gate: on failure the artifact (and its sidecar) is renamed `*.rejected.*`
     for inspection and ParityError is raised; on success the sidecar records the parity report."""
     import os
-
-    from .artifacts import write_sidecar
 
     path = pathlib.Path(path)
     parity = check_artifact(model, path, images=images, n=n, meta=meta)

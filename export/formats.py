@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
+from deploy.contract import PRECISIONS
+
 SCAN_MODES = ("chunked", "plugin")
-PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 INT8_OPS = ("Conv", "Gemm", "MatMul")                 # op types INT8 Q/DQ may quantise
 INT8_WEIGHTS = ("per-channel", "per-tensor")         # weight scale granularity

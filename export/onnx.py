@@ -4,7 +4,7 @@
         [--frame-size HxW] [--frame-channels 1|3] [--full-res-map] [--scan chunked|plugin]
 
 Library: `export_onnx(ckpt, out, ...) -> OnnxExport`. Steps: wrap the model in
-models.deploy.DeployModule (resize + gray->RGB + normalisation in the graph), export with
+deploy.graph.DeployModule (resize + gray->RGB + normalisation in the graph), export with
 `torch.onnx.export(dynamo=True)` (the TorchScript exporter only as a fallback, recorded in the
 metadata), `onnx.checker` + shape inference, embed metadata_props["edge_ad"], write the sidecar,
 run the parity gate (export/check.py). An artifact that fails the gate is renamed
@@ -21,8 +21,11 @@ from typing import Optional
 
 import torch
 
-from ._common import ExportError, Steps, count_plugin_nodes, first_line, load_model, resolve_out, scan_lowering
-from .artifacts import build_metadata, embed_onnx_metadata, write_sidecar
+from deploy.artifacts import embed_onnx_metadata, write_sidecar
+from deploy.graph import DeployModule
+from kernels.onnx_plugin import count_plugin_nodes
+
+from ._common import ExportError, Steps, build_metadata, first_line, load_model, resolve_out, scan_lowering
 from .formats import DEFAULT_OPSET, validate_args
 
 MAX_DYNAMIC_BATCH = 1024
@@ -143,7 +146,6 @@ def export_onnx(ckpt, out=None, *, batch="dynamic", opset: Optional[int] = None,
                       images=images, n=n)
     import onnx
 
-    from models.deploy import DeployModule
 
     t0 = time.perf_counter()
     steps = Steps(["load", "export", "check graph", "metadata", "parity"], desc="export onnx", quiet=quiet)

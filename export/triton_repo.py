@@ -9,7 +9,8 @@ its sidecar metadata next to it. The config has the graph's real input/output na
 per-sample dims (batch axis implied by max_batch_size; the (B,) scores use dims [1] reshaped to
 []), dynamic batching (preferred batch sizes, bounded queue delay), an instance group, and the
 artifact metadata (model, threshold, class names) as string parameters. The written config is
-parsed back with tritonclient's model_config_pb2 (when tritonclient is installed).
+parsed back with tritonclient's model_config_pb2 (when tritonclient is installed). Pre/post
+processing around a bare engine (Python-backend ensembles): export.triton_ensemble.
 """
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
+from deploy import load_engine, read_metadata
+from deploy.contract import INPUT_NAME
+
 from ._common import ExportError, load_model
 from .formats import validate_args
 
-try:
+try:  # optional (the "serve" extra): parses config.pbtxt as Triton does
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
-except Exception:  # optional (the "serve" extra)
+except ImportError:
     model_config_pb2 = None
     text_format = None
 
@@ -56,7 +60,7 @@ def config_text(meta: dict, model_name: str, platform: str, max_batch: int, inst
     h, w = ex["frame_hw"]
     ch = ex["frame_channels"]
     lines = [f'name: "{model_name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch}",
-             "input [", "  {", '    name: "frames"', "    data_type: TYPE_UINT8", f"    dims: [ {h}, {w}, {ch} ]",
+             "input [", "  {", f'    name: "{INPUT_NAME}"', "    data_type: TYPE_UINT8", f"    dims: [ {h}, {w}, {ch} ]",
              "  }", "]", "output ["]
     outs = []
     for name in ex["outputs"]:
@@ -83,30 +87,40 @@ def config_text(meta: dict, model_name: str, platform: str, max_batch: int, inst
     return "\n".join(lines) + "\n"
 
 
+def parse_config(path):
+    """config.pbtxt -> tritonclient's ModelConfig protobuf (ValueError naming the file when it
+    does not parse). Needs tritonclient[grpc] (the `serve` extra)."""
+    if model_config_pb2 is None:
+        raise ImportError("parsing config.pbtxt needs tritonclient: pip install 'tritonclient[grpc]' "
+                          "(or edge-ad[serve])")
+    path = pathlib.Path(path)
+    try:
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise ValueError(f"{path}: not a valid Triton model config: {e}") from None
+
+
 def validate_config(path) -> Optional[object]:
-    """Parse config.pbtxt with tritonclient's ModelConfig; None when tritonclient is absent."""
+    """parse_config + the fields every served model needs; None when tritonclient is absent."""
     if model_config_pb2 is None:
         return None
-    cfg = model_config_pb2.ModelConfig()
     try:
-        text_format.Parse(pathlib.Path(path).read_text(), cfg)
-    except Exception as e:
-        raise ExportError(f"{path}: not a valid Triton ModelConfig: {e}") from None
+        cfg = parse_config(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if not cfg.name or not cfg.platform or not cfg.input or not cfg.output:
         raise ExportError(f"{path}: ModelConfig lacks name/platform/input/output")
     return cfg
 
 
 def _onnx_output_shapes(path, batch: int = 2) -> dict:
-    """Output shapes from one ONNX Runtime run (concrete per-sample dims)."""
+    """Output shapes from one run of the artifact (concrete per-sample dims)."""
     import numpy as np
 
-    from .check import OnnxRunner
-
-    r = OnnxRunner(path)
-    inp = r.session.get_inputs()[0].shape
-    b = inp[0] if isinstance(inp[0], int) else batch
-    out = r(np.zeros((b, *inp[1:]), np.uint8))
+    with load_engine(path, backend="ort-cpu") as engine:
+        b = engine.static_batch or batch
+        h, w = engine.frame_hw
+        out = engine.infer(np.zeros((b, h, w, engine.frame_channels), np.uint8))
     return {k: list(v.shape) for k, v in out.items()}
 
 
@@ -119,8 +133,6 @@ def export_triton_repo(ckpt, out=None, *, format: str = "onnx", max_batch: int =
                       model_name=model_name, kind=kind, frame_hw=frame_hw, frame_channels=frame_channels,
                       full_res_map=full_res_map, scan=scan, opset=opset, precision=precision, check=check,
                       images=images, n=n)
-    from .artifacts import read_metadata
-
     fmt = a["format"] or "onnx"
     name = a["model_name"] or "edge_ad"
     mb = a["max_batch"] or 16

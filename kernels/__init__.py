@@ -1,4 +1,4 @@
-"""Ops behind one contract each (see ../shared/DESIGN.md sections 1-2).
+"""Ops behind one contract each (docs/design.md sections 2-3).
 
 Kernels know nothing about models: `models/` imports from here, never the reverse.
 """

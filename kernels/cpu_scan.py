@@ -1,7 +1,7 @@
 """Fused CPU selective-scan forward: a small C kernel, built on first use, called via ctypes.
 
 Why: every standard-op form materialises per-step tensors; a fused loop keeps the (N,) state
-of one channel in registers/L1 and reads u, delta, B, C once (DESIGN.md section 1 "going far
+of one channel in registers/L1 and reads u, delta, B, C once (docs/design.md section 2 "going far
 below that needs fusion"). One OpenMP task per (batch, channel); inner loop over N is
 `omp simd` so the compiler vectorises exp.
 

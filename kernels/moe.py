@@ -1,4 +1,4 @@
-"""Dense mixture-of-experts gating (DESIGN.md section 2).
+"""Dense mixture-of-experts gating (docs/design.md section 3).
 
 moe_gate(gate_logits (B, M, H, W), experts (B, M, C, H, W)) -> (B, C, H, W)
     = sum_m softmax_m(gate_logits)[m] * experts[m]

@@ -1,7 +1,7 @@
 """The selective scan as ONE custom ONNX node (for a TensorRT plugin), and ways to run it.
 
 Under `kernels.export_mode("plugin")`, `torch.onnx.export(..., dynamo=True)` emits, per scan,
-a node `edgead::SelectiveScan` (DESIGN.md section 1, TensorRT plugin):
+a node `edgead::SelectiveScan` (docs/design.md section 2, TensorRT plugin):
 
     inputs : u (B, D, L), delta (B, D, L), A (D, N) f32, B (B, G, N, L), C (B, G, N, L),
              D (D,) f32, z (B, D, L), delta_bias (D,) f32       (always 8 inputs: absent D /
@@ -43,7 +43,7 @@ except ImportError:  # optional: only for running plugin graphs in ONNX Runtime
 def set_plugin_aot(aot: bool) -> None:
     """Add `aot=1` to emitted nodes (TensorRT >= 10.9 ahead-of-time plugin form, whose kernel is
     kernels/scan_aot.py). export.trt turns it on around the ONNX export when the AOT form will
-    be built (export.trt_plugin.plugin_forms()) and off afterwards."""
+    be built (deploy.trt_plugin.plugin_forms()) and off afterwards."""
     _opts["aot"] = bool(aot)
 
 

@@ -1,5 +1,5 @@
 """Single-launch Triton selective scan with a fixed calling convention, for TensorRT's
-ahead-of-time plugin form (`tensorrt.plugin.aot_impl`, TensorRT >= 10.9; DESIGN.md section 1).
+ahead-of-time plugin form (`tensorrt.plugin.aot_impl`, TensorRT >= 10.9; docs/design.md section 2).
 
 Same contract as `kernels.selective_scan` (mamba-ssm's `selective_scan_fn`), contiguous
 tensors only (what TensorRT hands a plugin in LINEAR format):

@@ -1,4 +1,4 @@
-"""Selective scan (Mamba S6) with mamba-ssm's `selective_scan_fn` semantics (DESIGN.md s. 1).
+"""Selective scan (Mamba S6) with mamba-ssm's `selective_scan_fn` semantics (docs/design.md section 2).
 
     delta = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
     h_l   = exp(delta_l * A) * h_{l-1} + delta_l * B_l * u_l       (state (B, D, N), fp32)
@@ -6,6 +6,9 @@
 
 u, delta, z: (B, D, L); A: (D, N); B, C: (B, G, N, L) (channels d of group g are the D/G
 consecutive ones); D, delta_bias: (D,).
+
+(Over 500 lines on purpose, mamba-ssm's habit: the op's kernels, lowerings, autograd wrapper and
+reference live in one file, in that order, so each lowering is read next to the oracle it must equal.)
 
 Lowerings, each checked against `selective_scan_ref` (the slow sequential oracle, tests only):
 - `selective_scan_chunked`: standard ops only (CPU path, ONNX / torch.export lowering).

@@ -77,25 +77,35 @@ class ScoreStats(ConfigBase):
     n_images: int = 0
 
     def normalize(self, score):
-        span = max(self.threshold - self.low, 1e-12)
-        if isinstance(score, torch.Tensor):
-            return ((score - self.low) / span * 0.5).clamp(0.0, 1.0)
-        import numpy as np
+        """clip(0.5 * (score - low) / (threshold - low), 0, 1) of a tensor or an array: the
+        training side's copy of deploy.contract.normalize_score (tests/deploy/test_contract.py)."""
+        return _unit(score, self.low, self.threshold)
 
-        return np.clip((np.asarray(score, dtype=np.float64) - self.low) / span * 0.5, 0.0, 1.0)
+    def normalize_map(self, amap):
+        """The anomaly map on the same scale (0.5 at map_threshold), for heat maps."""
+        return _unit(amap, self.map_low, self.map_threshold)
 
 
-# Checkpoints of the zoo families (omniad, padim, adapted_moe, fewshot) saved before they normalised
-# with their encoder's mean/std were trained on ImageNet mean/std whatever the encoder expected. Such
-# a checkpoint has no `LEGACY_NORM_BUFFER` in its state dict; loading it sets the flag, so the model
-# keeps the normalisation it was trained with (and its scores do not change).
+def _unit(x, low: float, threshold: float):
+    span = max(threshold - low, 1e-12)
+    if isinstance(x, torch.Tensor):
+        return ((x - low) / span * 0.5).clamp(0.0, 1.0)
+    import numpy as np
+
+    return np.clip((np.asarray(x, dtype=np.float64) - low) / span * 0.5, 0.0, 1.0)
+
+
+# Checkpoint format of the zoo families (omniad, padim, adapted_moe, fewshot): a state dict with
+# `LEGACY_NORM_BUFFER` = 0 was trained on the encoder's own mean/std; one without the buffer (format
+# version 1's first layout) was trained on ImageNet mean/std whatever the encoder expected, and
+# loading it sets the flag to 1 so the model keeps that normalisation (its scores do not change).
 LEGACY_NORM_BUFFER = "legacy_imagenet_norm"
 
 
 def track_input_normalisation(model: nn.Module) -> None:
     """Give `model` (with a frozen `model.encoder` exposing `.mean/.std`) a 0-d uint8 buffer saying
     which normalisation it was trained with: 0 = the encoder's (new models), 1 = ImageNet (a state
-    dict without the buffer: saved before the fix). Integer, so `.half()` / `.to()` leave it exact."""
+    dict without the buffer). Integer, so `.half()` / `.to()` leave it exact."""
     model.register_buffer(LEGACY_NORM_BUFFER, torch.zeros((), dtype=torch.uint8))
 
     def _old_state_dict_means_imagenet(module, state_dict, prefix, *args):

@@ -40,7 +40,7 @@ def render_overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.nd
     import cv2
 
     bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-    norm = np.clip(0.5 * (amap - stats.map_low) / max(stats.map_threshold - stats.map_low, 1e-12), 0, 1)
+    norm = stats.normalize_map(amap)
     heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
     blend = cv2.addWeighted(bgr, 0.5, heat, 0.5, 0)
     outl = bgr.copy()

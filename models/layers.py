@@ -5,7 +5,7 @@ Shapes (B batch, S input side, f_s encoder feature at stride s with C_s channels
   Neck(enc_channels=(C4, C8, C16), out_dim)     [f4, f8, f16] -> (B, out_dim, ceil(S/32), ...)
       conv3x3 s2 (C4->C8) on f4 + conv1x1 on f8 -> BN, ReLU; conv3x3 s2 (C8->C16) + conv1x1 on f16
       -> BN, ReLU; conv1x1; 3 ResNet bottlenecks (the first stride 2) -> out_dim (MambaAD's MFF-OCE,
-      DESIGN.md section 3, with the channels of any encoder).
+      docs/design.md section 4, with the channels of any encoder).
   PatchExpand(in_dim, out_dim)                   (B, in_dim, h, w) -> (B, out_dim, 2h, 2w)
       1x1 (linear) in_dim -> 4 out_dim, pixel shuffle, LayerNorm; `size=(H, W)` crops odd sizes.
   CNNBranch(dim, k)                              (B, dim, h, w) -> same: 1x1 -> depthwise kxk -> 1x1,

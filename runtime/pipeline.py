@@ -1,5 +1,9 @@
 """The streaming pipeline: capture -> tiling -> batched inference -> stitching/events -> sinks.
 
+(Over 500 lines on purpose: the four stage threads share the queues, the stop events and the
+line accounting, and that one invariant is easiest to check when they are read together; the
+counters, the batching and the tiling live in runtime/accounting.py, batching.py and tiling.py.)
+
 Each stage is a thread; stages talk through bounded queues. Every `get`/`put` has a timeout and
 every loop checks the stop events, so a dead stage can never hang another (no shutdown by
 sentinel). Shutdown is two-phase: `stop()` ends capture and lets the stages drain; if draining
@@ -30,13 +34,16 @@ from typing import Callable, Dict, List, Optional
 import cv2
 import numpy as np
 
-from .engines import Engine, EngineError, check_compatible
-from .sources import Buffer, Source, SourceDisconnected, SourceError
-from .tiling import Band, LineAssembler, StripStitcher
+from deploy import Engine, EngineError
+from deploy.contract import channels_of
+
+from .accounting import Latencies, Stats
+from .batching import BandBatcher
+from .sources import Buffer, CameraMeta, Source, SourceDisconnected, SourceError
+from .tiling import Band, LineAssembler, RollingRows, StripStitcher
 
 log = logging.getLogger("runtime.pipeline")
 
-DROP_REASONS = ("camera_drop", "reconnect_gap", "corrupt", "overload", "engine_error", "shutdown")
 _POLL = 0.05   # seconds: every blocking queue call uses this timeout
 
 
@@ -71,69 +78,26 @@ class StreamConfig:
             raise ValueError(f"max_wait_ms={self.max_wait_ms}; expected >= 0")
 
 
-class _Latencies:
-    """Bounded reservoir of latency samples (ms) for percentiles."""
-
-    def __init__(self, cap: int = 200_000, seed: int = 0):
-        self.cap, self.n = cap, 0
-        self.samples: List[float] = []
-        self.recent = collections.deque(maxlen=2048)
-        self.rng = np.random.default_rng(seed)
-
-    def add(self, v: float) -> None:
-        self.n += 1
-        self.recent.append(v)
-        if len(self.samples) < self.cap:
-            self.samples.append(v)
-        else:
-            j = int(self.rng.integers(0, self.n))
-            if j < self.cap:
-                self.samples[j] = v
-
-    @staticmethod
-    def pct(values, qs=(50, 95, 99)) -> Dict[str, Optional[float]]:
-        if not len(values):
-            return {f"p{q}": None for q in qs}
-        a = np.asarray(values, dtype=np.float64)
-        return {f"p{q}": float(np.percentile(a, q)) for q in qs}
-
-
-class Stats:
-    """Counters shared by the stages (one lock)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.lines_in = 0
-        self.lines_scored = 0
-        self.dropped = {r: 0 for r in DROP_REASONS}
-        self.buffers_in = 0
-        self.frames_in = 0
-        self.tiles_scored = 0
-        self.bands_scored = 0
-        self.tiles_anomalous = 0
-        self.events = 0
-        self.engine_errors = 0
-        self.engine_calls = 0
-        self.engine_time_s = 0.0
-        self.reconnects = 0
-        self.corrupt_buffers = 0
-        self.latency = _Latencies()        # capture of a band's newest line -> verdict
-        self.age = _Latencies(seed=1)      # capture of a band's oldest owned line -> verdict
-        self.t_start = time.monotonic()
-        self.t_end = None
-
-    def drop(self, reason: str, lines: int) -> None:
-        if lines:
-            with self.lock:
-                self.dropped[reason] += int(lines)
-
-    @property
-    def lines_dropped(self) -> int:
-        return sum(self.dropped.values())
+def check_compatible(engine: Engine, camera: CameraMeta, tile_hw) -> None:
+    """Fail at start, with one message, when engine and camera cannot work together."""
+    eng_fmt = engine.pixel_format
+    if camera.pixel_format != eng_fmt:
+        raise EngineError(
+            f"{engine.path.name}: engine expects {eng_fmt} frames ({engine.frame_channels} channel"
+            f"{'s' if engine.frame_channels > 1 else ''}) but the camera delivers {camera.pixel_format}; "
+            f"set the source's format={eng_fmt} or export the engine with frame_channels="
+            f"{channels_of(camera.pixel_format)}")
+    if engine.frame_hw is not None and tuple(tile_hw) != tuple(engine.frame_hw):
+        raise EngineError(f"{engine.path.name}: engine takes {engine.frame_hw[0]}x{engine.frame_hw[1]} tiles; "
+                          f"--tile {tile_hw[0]}x{tile_hw[1]} does not match (omit --tile or export for that size)")
 
 
 class Pipeline:
-    """Run a source through an engine. `start()`, then `wait()` or `stop()`; `summary()`."""
+    """Run a source through an engine. `start()`, then `wait()` or `stop()`; `summary()`.
+
+    `on_band(band, rec)` is called from the postprocess thread for every band, in order, right
+    after the stitcher took it: `rec` holds the band's tile maps and scores ({"maps", "norm",
+    "score"}), or is None for a band that was dropped or only marks the end of a segment."""
 
     def __init__(self, engine: Engine, source: Source, config: StreamConfig = None,
                  sinks=None, on_band: Optional[Callable] = None):
@@ -180,10 +144,10 @@ class Pipeline:
                                        capacity=max(2 * th, th + cam.height))
         thr = cfg.pixel_threshold if cfg.pixel_threshold is not None else eng.map_threshold
         self.pixel_threshold = float(thr)
+        self.map_low = float(eng.score_stats.get("map_low", 0.0))
         self.stitcher = StripStitcher(cam.width, th, tw, self.pixel_threshold, cfg.min_area,
                                       cfg.line_pitch_mm, cfg.pixel_pitch_mm, keep_rows=cfg.preview_rows)
-        self.preview_img = np.zeros((cfg.preview_rows, cam.width, cam.channels), np.uint8)
-        self.preview_y1 = 0   # one past the newest line written into preview_img
+        self.preview = RollingRows(cfg.preview_rows, cam.width, cam.channels)
         self.q_cap: queue.Queue = queue.Queue(cfg.capture_queue)
         self.q_inf: queue.Queue = queue.Queue(cfg.infer_queue)
         self.q_post: queue.Queue = queue.Queue(cfg.post_queue)
@@ -357,10 +321,10 @@ class Pipeline:
 
     def _submit(self, band: Band) -> bool:
         if band.rows == 0 or band.n_tiles == 0:     # end-of-segment marker: no inference
-            return self._put(self.q_post, ("marker", band, None, None))
+            return self._put(self.q_post, ("marker", band, None))
 
         def evict(old: Band):
-            if not self._put(self.q_post, ("dropped", old, "overload", None)):
+            if not self._put(self.q_post, ("dropped", old, "overload")):
                 self.stats.drop("overload", old.owned)
 
         ok = self._put(self.q_inf, band, evict)
@@ -373,94 +337,50 @@ class Pipeline:
     # ------------------------------------------------------------------------------------
     def _inference(self) -> None:
         cfg, st, eng = self.cfg, self.stats, self.engine
-        pending: collections.deque = collections.deque()   # [band, next_tile]
-        partial: Dict[int, dict] = {}                       # seq -> outputs being filled
+        batcher = BandBatcher(self.max_batch)
         wait_s = cfg.max_wait_ms / 1000.0
         while not self.hard_stop.is_set():
-            n_tiles = sum(b.n_tiles - i for b, i in pending)
-            if n_tiles == 0:
-                band = self._get(self.q_inf)
-                if band is None:
+            if batcher.pending_tiles == 0:
+                if not self._take_band(batcher, _POLL):
                     if self.pre_done.is_set() and self.q_inf.empty():
                         break
                     continue
-                self._inflight_bands[band.seq] = band
-                pending.append([band, 0])
-                n_tiles = band.n_tiles
             deadline = time.monotonic() + wait_s
-            while n_tiles < self.max_batch and not self.hard_stop.is_set():
+            while batcher.pending_tiles < self.max_batch and not self.hard_stop.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                band = self._get(self.q_inf, timeout=min(left, _POLL))
-                if band is None:
-                    if self.pre_done.is_set() and self.q_inf.empty():
-                        break
-                    continue
-                self._inflight_bands[band.seq] = band
-                pending.append([band, 0])
-                n_tiles += band.n_tiles
-            # assemble one batch of up to max_batch tiles from the front of `pending`
-            parts, take_left = [], self.max_batch
-            for entry in pending:
-                if take_left == 0:
+                if not self._take_band(batcher, min(left, _POLL)) and self.pre_done.is_set() \
+                        and self.q_inf.empty():
                     break
-                b, i = entry
-                k = min(b.n_tiles - i, take_left)
-                parts.append((b, i, k))
-                take_left -= k
-            frames = np.concatenate([b.tiles[i:i + k] for b, i, k in parts]) if len(parts) > 1 \
-                else parts[0][0].tiles[parts[0][1]:parts[0][1] + parts[0][2]]
+            frames, parts = batcher.next_batch()
             t0 = time.perf_counter()
+            out, err = None, None
             try:
-                out = eng.infer(frames)
-                err = None
-            except Exception as e:   # one failed call: count it, the stream goes on
-                out, err = None, e
+                raw = eng.infer(frames)
+                out = (self._tile_maps(raw, frames.shape[0]),
+                       np.asarray(raw["normalized_score"], np.float32).reshape(-1),
+                       np.asarray(raw["score"], np.float32).reshape(-1))
+            except Exception as e:   # one failed call (or malformed output): count it, the stream goes on
+                err = f"{type(e).__name__}: {e}"
                 log.warning("engine error on %d tiles: %s", frames.shape[0], e)
-            dt = time.perf_counter() - t0
             with st.lock:
                 st.engine_calls += 1
-                st.engine_time_s += dt
+                st.engine_time_s += time.perf_counter() - t0
                 st.engine_errors += err is not None
-            if out is not None:
-                try:
-                    maps = self._tile_maps(out, frames.shape[0])
-                    norm = np.asarray(out["normalized_score"], np.float32).reshape(-1)
-                    score = np.asarray(out["score"], np.float32).reshape(-1)
-                except Exception as e:   # malformed output counts as an engine error
-                    out, err = None, e
-                    with st.lock:
-                        st.engine_errors += 1
-            pos = 0
-            for b, i, k in parts:
-                rec = partial.setdefault(b.seq, {"maps": None, "norm": None, "score": None, "err": None})
-                if out is None:
-                    rec["err"] = rec["err"] or f"{type(err).__name__}: {err}"
-                else:
-                    if rec["maps"] is None:
-                        rec["maps"] = np.empty((b.n_tiles,) + maps.shape[1:], np.float32)
-                        rec["norm"] = np.empty(b.n_tiles, np.float32)
-                        rec["score"] = np.empty(b.n_tiles, np.float32)
-                    rec["maps"][i:i + k] = maps[pos:pos + k]
-                    rec["norm"][i:i + k] = norm[pos:pos + k]
-                    rec["score"][i:i + k] = score[pos:pos + k]
-                pos += k
-            # advance pending; post finished bands
-            for b, i, k in parts:
-                entry = pending[0]
-                assert entry[0] is b
-                entry[1] += k
-                if entry[1] >= b.n_tiles:
-                    pending.popleft()
-                    rec = partial.pop(b.seq)
-                    if rec["err"] is not None:
-                        item = ("dropped", b, "engine_error", None)
-                    else:
-                        item = ("scored", b, rec, None)
-                    if not self._put(self.q_post, item):
-                        return
-                    self._inflight_bands.pop(b.seq, None)
+            for band, rec in batcher.scatter(parts, out, err):
+                item = ("dropped", band, "engine_error") if rec["err"] is not None else ("scored", band, rec)
+                if not self._put(self.q_post, item):
+                    return
+                self._inflight_bands.pop(band.seq, None)
+
+    def _take_band(self, batcher: "BandBatcher", timeout: float) -> bool:
+        band = self._get(self.q_inf, timeout=timeout)
+        if band is None:
+            return False
+        self._inflight_bands[band.seq] = band
+        batcher.add(band)
+        return True
 
     def _tile_maps(self, out: dict, n: int) -> np.ndarray:
         th, tw = self.tile_hw
@@ -492,7 +412,7 @@ class Pipeline:
                 self._emit_event(ev)
 
     def _handle(self, item) -> None:
-        kind, band, payload, _ = item
+        kind, band, payload = item
         st = self.stats
         now = time.monotonic_ns()
         if kind == "scored":
@@ -506,37 +426,22 @@ class Pipeline:
             st.age.add((now - band.t_first_ns) / 1e6)
             self._write_preview(band)
             events = self.stitcher.add_band(band, rec["maps"])
-            if self.on_band is not None:
-                self.on_band(band, rec)
         else:
             if kind == "dropped":
                 st.drop(payload, band.owned)
             if band.tiles is not None:
                 self._write_preview(band)
             events = self.stitcher.add_band(band, None)
+        if self.on_band is not None:   # every band, in the order the stitcher saw it
+            self.on_band(band, payload if kind == "scored" else None)
         for ev in events:
             self._emit_event(ev)
         if self.sinks is not None and kind == "scored":
             self.sinks.offer_preview(self)
 
     def _write_preview(self, band: Band) -> None:
-        k = self.preview_img.shape[0]
-        if k == 0 or band.rows == 0:
-            return
-        w = self.assembler.width
-        rows = np.empty((band.rows, w, self.preview_img.shape[2]), np.uint8)
-        for i, x0 in enumerate(band.x_starts):
-            ww = min(self.tile_hw[1], w - x0)
-            rows[:, x0:x0 + ww] = band.tiles[i, :band.rows, :ww]
-        self.preview_img[np.arange(band.y0, band.y0 + band.rows) % k] = rows
-        self.preview_y1 = max(self.preview_y1, band.y0 + band.rows)
-
-    def preview_rows(self, y0: int, y1: int) -> Optional[np.ndarray]:
-        """Image rows [y0, y1) if still held by the rolling preview."""
-        k = self.preview_img.shape[0]
-        if y1 - y0 > k or y0 < self.preview_y1 - k or y1 > self.preview_y1 or y1 <= y0:
-            return None
-        return self.preview_img[np.arange(y0, y1) % k]
+        if band.rows:
+            self.preview.write(band.y0, band.strip_rows(self.assembler.width))
 
     def _emit_event(self, ev) -> None:
         with self.stats.lock:
@@ -590,14 +495,14 @@ class Pipeline:
             st.drop("shutdown", b.owned)
         while True:
             try:
-                kind, b, payload, _ = self.q_post.get_nowait()
+                kind, b, payload = self.q_post.get_nowait()
             except queue.Empty:
                 break
-            self._reorder[b.seq] = (kind, b, payload, None)
+            self._reorder[b.seq] = (kind, b, payload)
         for seq, b in list(self._inflight_bands.items()):
             if seq not in self._reorder and seq not in seen:
                 st.drop("shutdown", b.owned)
-        for kind, b, payload, _ in self._reorder.values():
+        for kind, b, payload in self._reorder.values():
             st.drop(payload if kind == "dropped" else "shutdown", b.owned)
         self._reorder.clear()
         st.drop("shutdown", self.assembler.unowned_lines)
@@ -621,15 +526,15 @@ class Pipeline:
         el = max(d["elapsed_s"], 1e-9)
         d["lines_per_s"] = d["lines_scored"] / el
         d["tiles_per_s"] = d["tiles_scored"] / el
-        d["latency_ms"] = _Latencies.pct(list(st.latency.recent))
+        d["latency_ms"] = Latencies.pct(list(st.latency.recent))
         return d
 
     def summary(self) -> dict:
         d = self.snapshot()
         st = self.stats
-        d["latency_ms"] = _Latencies.pct(st.latency.samples)
+        d["latency_ms"] = Latencies.pct(st.latency.samples)
         d["latency_ms"]["mean"] = float(np.mean(st.latency.samples)) if st.latency.samples else None
-        d["oldest_line_age_ms"] = _Latencies.pct(st.age.samples)
+        d["oldest_line_age_ms"] = Latencies.pct(st.age.samples)
         d["accounting_ok"] = d["lines_in"] == d["lines_scored"] + d["lines_dropped"]
         d["engine"] = self.engine.describe()
         d["source"] = {"uri": self.source.uri, **asdict(self.source.meta)}
@@ -640,16 +545,3 @@ class Pipeline:
         d["error"] = None if self.error is None else f"{type(self.error).__name__}: {self.error}"
         d["hard_stopped"] = self.hard_stop.is_set()
         return d
-
-
-def format_status(s: dict) -> str:
-    """One console line from `Pipeline.snapshot()`."""
-    lat = s["latency_ms"]
-    f = lambda v: "-" if v is None else f"{v:.0f}"   # noqa: E731
-    drops = " ".join(f"{k}={v}" for k, v in s["dropped"].items() if v)
-    q = s["queues"]
-    return (f"[{s['elapsed_s']:6.1f}s] {s['lines_per_s']:9.0f} lines/s {s['tiles_per_s']:7.1f} tiles/s | "
-            f"latency p50/p95/p99 {f(lat['p50'])}/{f(lat['p95'])}/{f(lat['p99'])} ms | "
-            f"q cap/inf/post {q['capture']}/{q['inference']}/{q['post']} | "
-            f"in {s['lines_in']} scored {s['lines_scored']} dropped {s['lines_dropped']}"
-            + (f" ({drops})" if drops else "") + f" | events {s['events']}")

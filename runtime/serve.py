@@ -14,7 +14,7 @@ requests are batched by Triton and handed to this process's engine. The wire con
             [anomaly_map_full FP32   (-1, 1, H, W)]  when the artifact has it
 
 A companion model `<model-name>_metadata` (no input batching) returns the artifact's metadata
-JSON (output `edge_ad`, BYTES), so remote clients (`runtime.remote.RemoteEngine`) know the
+JSON (output `edge_ad`, BYTES), so remote clients (`deploy.remote.RemoteEngine`) know the
 frame shape, class names and score statistics.
 
 Servers bind 127.0.0.1 unless told otherwise. SIGTERM / SIGINT stop the server cleanly: the
@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import sysconfig
@@ -37,15 +38,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from deploy import load_engine
+from deploy.contract import (ENGINE_BACKENDS, FULL_MAP_NAME, INPUT_NAME, OUTPUT_NAMES, TRITON_METADATA_OUTPUT,
+                             TRITON_METADATA_SUFFIX, VERDICT_NAME, verdict)
+
 LOG = logging.getLogger("runtime.serve")
 
 DEFAULT_MODEL_NAME = "edge_ad"
-INPUT_NAME = "frames"
-CONTRACT_OUTPUTS = ("anomaly_map", "score", "normalized_score")
-FULL_MAP = "anomaly_map_full"
-VERDICT = "verdict"
-METADATA_SUFFIX = "_metadata"
-METADATA_OUTPUT = "edge_ad"
 
 try:  # optional: the `serve` extra
     from pytriton.decorators import batch as _pytriton_batch
@@ -69,10 +68,8 @@ def _require_pytriton():
 def open_engine(path, backend: Optional[str] = None, threads: int = 0, frame_hw=None,
                 frame_channels: Optional[int] = None, device: str = "cpu"):
     """Load any exported artifact as an engine (`infer(frames) -> dict`, `.meta`) through
-    `runtime.engines.load_engine` (ONNX Runtime, TensorRT, AOTInductor, checkpoint).
+    `deploy.load_engine` (ONNX Runtime, TensorRT, AOTInductor, checkpoint).
     `frame_hw` / `frame_channels` / `device` only matter for a checkpoint (`.pt`)."""
-    from runtime.engines import load_engine
-
     path = pathlib.Path(path)
     if not path.exists():
         raise ServeError(f"{path}: artifact not found")
@@ -93,14 +90,14 @@ def output_spec(engine) -> List[Tuple[str, type, Tuple[int, ...]]]:
     """(name, numpy dtype, per-sample shape) for every served output."""
     meta = getattr(engine, "meta", None) or {}
     names = list(getattr(engine, "output_names", None) or (meta.get("export") or {}).get("outputs")
-                 or CONTRACT_OUTPUTS)
+                 or OUTPUT_NAMES)
     s = (meta.get("preprocess") or {}).get("input_size")
     amap = (1, int(s), int(s)) if s else (1, -1, -1)
     spec = [("anomaly_map", np.float32, amap), ("score", np.float32, (1,)),
-            ("normalized_score", np.float32, (1,)), (VERDICT, np.bool_, (1,))]
-    if FULL_MAP in names:
+            ("normalized_score", np.float32, (1,)), (VERDICT_NAME, np.bool_, (1,))]
+    if FULL_MAP_NAME in names:
         h, w, _ = frame_shape(engine)
-        spec.append((FULL_MAP, np.float32, (1, h, w)))
+        spec.append((FULL_MAP_NAME, np.float32, (1, h, w)))
     return spec
 
 
@@ -108,21 +105,51 @@ def make_infer_fn(engine, threshold: Optional[float] = None) -> Callable:
     """Batched inference callable: frames (B, H, W, C) uint8 -> the served outputs.
 
     verdict = normalized_score >= 0.5 (the artifact's threshold) or score >= `threshold`."""
-    want_full = any(n == FULL_MAP for n, _, _ in output_spec(engine))
+    want_full = any(n == FULL_MAP_NAME for n, _, _ in output_spec(engine))
 
     def infer(frames: np.ndarray) -> Dict[str, np.ndarray]:
         out = engine.infer(frames)
         b = frames.shape[0]
         score = np.asarray(out["score"], dtype=np.float32).reshape(b, 1)
         norm = np.asarray(out["normalized_score"], dtype=np.float32).reshape(b, 1)
-        verdict = (score >= threshold) if threshold is not None else (norm >= 0.5)
         res = {"anomaly_map": np.asarray(out["anomaly_map"], dtype=np.float32),
-               "score": score, "normalized_score": norm, VERDICT: verdict}
+               "score": score, "normalized_score": norm,
+               VERDICT_NAME: (score >= threshold) if threshold is not None else verdict(norm)}
         if want_full:
-            res[FULL_MAP] = np.asarray(out[FULL_MAP], dtype=np.float32)
+            res[FULL_MAP_NAME] = np.asarray(out[FULL_MAP_NAME], dtype=np.float32)
         return res
 
     return infer
+
+
+# ---- the tritonserver bundled with PyTriton (local development and tests) ---------------------
+def bundled_tritonserver(work_dir) -> Optional[Tuple[pathlib.Path, pathlib.Path, Dict[str, str]]]:
+    """(tritonserver binary, backend directory with the Python backend, environment) from the
+    nvidia-pytriton wheel, or None when it is not installed / ships no Python backend.
+
+    The wheel keeps one backend stub per Python version; Triton wants it beside the backend
+    library, so a backend directory is assembled under `work_dir`."""
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    root = pathlib.Path(pytriton.__file__).parent / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    lib = root / "backends" / "python" / "libtriton_python.so"
+    stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
+        "triton_python_backend_stub"
+    if not (binary.is_file() and lib.is_file() and stub.is_file()):
+        return None
+    be = pathlib.Path(work_dir) / "backends" / "python"
+    be.mkdir(parents=True, exist_ok=True)
+    for f in (lib, root / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        shutil.copy2(f, be / f.name)
+    libs = [str(pathlib.Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"),
+            sysconfig.get_config_var("LIBDIR") or ""]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs + env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
+    env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env.get("PATH", "")])
+    return binary, be.parent, env
 
 
 # ---- server ----------------------------------------------------------------------------------
@@ -229,12 +256,12 @@ class Server:
         meta_blob = json.dumps(getattr(self.engine, "meta", None) or {}).encode()
 
         def metadata(requests):  # unbatched PyTriton callable: one response per request
-            return [{METADATA_OUTPUT: np.array([meta_blob], dtype=np.object_)} for _ in requests]
+            return [{TRITON_METADATA_OUTPUT: np.array([meta_blob], dtype=np.object_)} for _ in requests]
 
         self._triton.bind(
-            model_name=c.model_name + METADATA_SUFFIX, infer_func=metadata,
+            model_name=c.model_name + TRITON_METADATA_SUFFIX, infer_func=metadata,
             inputs=[Tensor(name="request", dtype=np.int32, shape=(1,), optional=True)],
-            outputs=[Tensor(name=METADATA_OUTPUT, dtype=np.bytes_, shape=(1,))],
+            outputs=[Tensor(name=TRITON_METADATA_OUTPUT, dtype=np.bytes_, shape=(1,))],
             config=ModelConfig(batching=False),
         )
         self._triton.bind(
@@ -315,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="raw-score threshold for `verdict` (default: the artifact's, normalized_score >= 0.5)")
     p.add_argument("--backend", default=None,
-                   help="engine backend (runtime.engines: ort-cpu, ort-cuda, ort-trt, tensorrt, aoti, torch; default auto)")
+                   help=f"engine backend ({', '.join(ENGINE_BACKENDS[:-1])}; default auto)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = library default)")
     p.add_argument("--frame-size", default=None, help="checkpoint (.pt) only: frame HxW (default: the model input size)")
     p.add_argument("--frame-channels", type=int, choices=(1, 3), default=None,

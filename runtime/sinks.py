@@ -22,6 +22,8 @@ from typing import Callable, List, Optional, Sequence
 import cv2
 import numpy as np
 
+from deploy.contract import map_unit
+
 log = logging.getLogger("runtime.sinks")
 
 
@@ -58,15 +60,15 @@ class JsonlSink(Sink):
         self._f.close()
 
 
-def heat_overlay(image: np.ndarray, amap: Optional[np.ndarray], threshold: float) -> np.ndarray:
-    """BGR uint8 picture: the image with the anomaly map (>= half the threshold) blended in red."""
+def heat_overlay(image: np.ndarray, amap: Optional[np.ndarray], threshold: float, map_low: float = 0.0) -> np.ndarray:
+    """BGR uint8 picture: the image with the anomaly map blended in red, from halfway between the
+    normal level and the pixel threshold (faint) to half a span above the threshold (full)."""
     img = image if image.ndim == 3 else image[:, :, None]
     bgr = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     if amap is None:
         return bgr
-    m = np.nan_to_num(amap.astype(np.float32), neginf=0.0)
-    scale = max(float(threshold), 1e-12)
-    a = np.clip(m / scale - 0.5, 0.0, 1.0)[:, :, None] * 0.6
+    m = np.nan_to_num(amap.astype(np.float32), neginf=float(map_low))
+    a = np.clip(2.0 * map_unit(m, map_low, threshold) - 0.5, 0.0, 1.0)[:, :, None] * 0.6
     red = np.zeros_like(bgr)
     red[:, :, 2] = 255
     return (bgr * (1 - a) + red * a).astype(np.uint8)
@@ -85,7 +87,7 @@ class OverlaySink(Sink):
         if record["type"] != "event" or record.get("crop") is None or self.written >= self.max_files:
             return
         ev, (y0, x0) = record["event"], record["crop_origin"]
-        pic = heat_overlay(record["crop"], record.get("map"), record.get("threshold", 1.0))
+        pic = heat_overlay(record["crop"], record.get("map"), record["threshold"], record["map_low"])
         cv2.rectangle(pic, (ev["col_start"] - x0, ev["line_start"] - y0),
                       (ev["col_end"] - x0, ev["line_end"] - y0), (0, 255, 255), 1)
         name = f"event_{ev['line_start']:010d}_{ev['col_start']:05d}.png"
@@ -104,7 +106,7 @@ class PreviewSink(Sink):
     def write(self, record):
         if record["type"] != "preview":
             return
-        pic = heat_overlay(record["image"], record.get("map"), record.get("threshold", 1.0))
+        pic = heat_overlay(record["image"], record.get("map"), record["threshold"], record["map_low"])
         if pic.shape[1] > self.max_width:
             f = self.max_width / pic.shape[1]
             pic = cv2.resize(pic, (self.max_width, max(1, int(pic.shape[0] * f))), interpolation=cv2.INTER_AREA)
@@ -159,15 +161,15 @@ class SinkRunner:
     # called from the postprocess thread ---------------------------------------------------
     def offer_event(self, pipe, ev) -> None:
         d = ev.to_dict()
-        rec = {"type": "event", "event": d, "threshold": pipe.pixel_threshold, "crop": None}
+        rec = {"type": "event", "event": d, "threshold": pipe.pixel_threshold, "map_low": pipe.map_low, "crop": None}
         pad = 32
         y0, y1 = ev.line_start - pad, ev.line_end + 1 + pad
         x0, x1 = max(0, ev.col_start - pad), min(pipe.assembler.width, ev.col_end + 1 + pad)
         st = pipe.stitcher
         # rows held by both rolling buffers (image and final map); the event's rows are final
-        ya = max(y0, 0, pipe.preview_y1 - pipe.preview_img.shape[0], st.preview_end - st.keep_rows)
-        yb = min(y1, pipe.preview_y1, st.preview_end)
-        rows = pipe.preview_rows(ya, yb)
+        ya = max(y0, 0, pipe.preview.end - pipe.preview.capacity, st.preview_end - st.keep_rows)
+        yb = min(y1, pipe.preview.end, st.preview_end)
+        rows = pipe.preview.rows(ya, yb)
         if rows is not None:
             rec["crop"] = rows[:, x0:x1].copy()
             rec["crop_origin"] = (ya, x0)
@@ -194,11 +196,12 @@ class SinkRunner:
         n = min(self.preview_rows, st.keep_rows, y1)
         if n <= 0:
             return
-        img = pipe.preview_rows(y1 - n, y1)
+        img = pipe.preview.rows(y1 - n, y1)
         amap = st.map_rows(y1 - n, y1)
         if img is None or amap is None:
             return
-        rec = {"type": "preview", "image": img.copy(), "map": amap, "threshold": pipe.pixel_threshold}
+        rec = {"type": "preview", "image": img.copy(), "map": amap, "threshold": pipe.pixel_threshold,
+               "map_low": pipe.map_low}
         try:
             self.q.put(rec, timeout=1.0) if force else self.q.put_nowait(rec)
             self._last_preview = now

@@ -16,8 +16,12 @@ import threading
 import time
 from typing import Callable, Optional, Union
 
-from .engines import Engine, EngineError, load_engine
-from .pipeline import Pipeline, StreamConfig, format_status
+from deploy import Engine, EngineError, load_engine
+from deploy.contract import ENGINE_BACKENDS
+from deploy.remote import RemoteEngine
+
+from .accounting import format_status
+from .pipeline import Pipeline, StreamConfig
 from .sinks import JsonlSink, MetricsServer, OverlaySink, PreviewSink, SinkRunner, WebhookSink
 from .sources import SourceError, open_source
 
@@ -110,11 +114,7 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
 
 
 def open_remote(uri: str):
-    """A RemoteEngine (runtime.remote) for a served model; StreamError when unreachable."""
-    try:
-        from .remote import RemoteEngine
-    except ImportError as e:   # pragma: no cover - part of this package
-        raise StreamError(f"--remote needs runtime.remote: {e}") from None
+    """A RemoteEngine (deploy.remote) for a served model; StreamError when unreachable."""
     try:
         return RemoteEngine.from_uri(uri)
     except ValueError as e:
@@ -126,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng = p.add_mutually_exclusive_group(required=True)
     eng.add_argument("--engine", help="model.onnx | model.engine | model.pt2 | model.pt")
     eng.add_argument("--remote", help="a served engine: grpc://HOST:PORT/MODEL or http://HOST:PORT/MODEL "
-                                      "(runtime.serve / Triton; see runtime.remote)")
+                                      "(runtime.serve / Triton; see deploy.remote)")
     p.add_argument("--source", required=True, help="linesim://... genicam://X.cti aravis://IP pylon://emu "
                                                    "file.mp4 rtsp://... v4l2:///dev/video0 DIR")
-    p.add_argument("--backend", default=None, help="auto (default), ort-cpu, ort-cuda, ort-trt, tensorrt, aoti, torch")
+    p.add_argument("--backend", default=None, help=f"auto (default), {', '.join(ENGINE_BACKENDS[:-1])}")
     p.add_argument("--tile", type=int, default=None, help="tile size (default: the engine's frame size)")
     p.add_argument("--stride", type=int, default=None, help="tile stride along the strip (default 3/4 tile)")
     p.add_argument("--max-batch", type=int, default=16)

@@ -67,6 +67,42 @@ class Band:
     def n_tiles(self) -> int:
         return len(self.x_starts)
 
+    def strip_rows(self, width: int) -> np.ndarray:
+        """The band's valid rows across the strip (rows, width, C), put back together from its tiles."""
+        tw = self.tiles.shape[2]
+        rows = np.empty((self.rows, width, self.tiles.shape[3]), np.uint8)
+        for i, x0 in enumerate(self.x_starts):
+            ww = min(tw, width - x0)
+            rows[:, x0:x0 + ww] = self.tiles[i, :self.rows, :ww]
+        return rows
+
+
+class RollingRows:
+    """The newest `capacity` image rows of the strip, in a ring indexed by strip line (the live
+    preview and the crops of event overlays)."""
+
+    def __init__(self, capacity: int, width: int, channels: int):
+        self.img = np.zeros((int(capacity), int(width), int(channels)), np.uint8)
+        self.end = 0     # one past the newest line written
+
+    @property
+    def capacity(self) -> int:
+        return self.img.shape[0]
+
+    def write(self, y0: int, rows: np.ndarray) -> None:
+        k = self.capacity
+        if k == 0 or rows.shape[0] == 0:
+            return
+        self.img[np.arange(y0, y0 + rows.shape[0]) % k] = rows
+        self.end = max(self.end, y0 + rows.shape[0])
+
+    def rows(self, y0: int, y1: int) -> Optional[np.ndarray]:
+        """Image rows [y0, y1) if all are still held, else None."""
+        k = self.capacity
+        if y1 - y0 > k or y0 < self.end - k or y1 > self.end or y1 <= y0:
+            return None
+        return self.img[np.arange(y0, y1) % k]
+
 
 class LineAssembler:
     """Ring buffer of lines cut into overlapping bands of tiles (see module docstring)."""

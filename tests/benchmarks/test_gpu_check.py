@@ -124,14 +124,14 @@ def test_steps_that_no_longer_fit_the_budget_are_listed_with_a_rerun_command(tmp
 
 
 def test_plan_puts_the_stream_after_the_first_models_latency_and_warms_only_compiled_backends(tmp_path):
-    c = _config(tmp_path, models=("dvad", "padim"), backends=("torch", "compile", "aoti"), warm_jobs=2,
+    c = _config(tmp_path, models=("dvad", "padim"), backends=("torch", "torch-compile", "aoti"), warm_jobs=2,
                 dry_run=False, device="cuda")
     p = gpu_check.plan(c)
     assert [s.name for s in p["timed"]] == ["kernels", "latency:dvad", "stream", "latency:padim"]
     assert [s.name for s in p["setup"]] == ["env", "models", "stream-export"]
     assert [s.name for s in p["warm"]] == ["warm:kernels", "warm:dvad", "warm:padim"]
     warm = p["warm"][1].argv
-    assert warm[warm.index("--backends") + 1] == "compile,aoti" and warm[warm.index("--reps") + 1] == "1"
+    assert warm[warm.index("--backends") + 1] == "torch-compile,aoti" and warm[warm.index("--reps") + 1] == "1"
     timed = p["timed"][1].argv   # the timed run reuses what the warm-up exported
     assert timed[timed.index("--workdir") + 1] == warm[warm.index("--workdir") + 1]
     assert p["timed"][2].argv[p["timed"][2].argv.index("--engine") + 1].endswith("model.pt2")

@@ -36,7 +36,7 @@ def fresh_frames(n, hw, ch, seed):
 @pytest.fixture(scope="session")
 def tiny_model():
     from models.base import ScoreStats
-    from models.deploy import DeployModule
+    from deploy.graph import DeployModule
 
     m = tiny_dvad()
     with torch.no_grad():

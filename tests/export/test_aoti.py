@@ -1,6 +1,6 @@
 """AOTInductor package of a tiny DVAD: loads without the model code and equals PyTorch.
 
-On CPU (the compile takes a minute or more on 2 cores: marked slow) and, marked `cuda`, on a CUDA
+On CPU (the compile takes a minute or more on 2 cores: marked slow) and, tagged stack("cuda"), on a CUDA
 device (skips without one)."""
 import json
 import os
@@ -41,7 +41,7 @@ def test_aoti_package_loads_without_model_code_and_matches(tiny_ckpt, tiny_model
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("AOTInductor on CPU needs a C++ compiler")
     from export.aoti import export_aoti
-    from export.artifacts import read_metadata
+    from deploy.artifacts import read_metadata
 
     import torch._inductor.config as icfg
 
@@ -55,15 +55,15 @@ def test_aoti_package_loads_without_model_code_and_matches(tiny_ckpt, tiny_model
     _load_without_model_code_and_compare(res.path, "cpu", tiny_model, tmp_path)
 
 
-@pytest.mark.cuda
+@pytest.mark.stack("cuda")
 @pytest.mark.timeout(900)
 def test_aoti_cuda_package_passes_the_gate_and_matches_without_model_code(tiny_ckpt, tiny_model, tmp_path):
     """The CUDA package (Inductor's Triton kernels compiled in): the exporter's own parity gate
     passes, and a process without the model code runs it on CUDA tensors and equals eager CPU."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (AOTInductor compiles the package for it)")
+    from deploy.artifacts import read_metadata
     from export.aoti import export_aoti
-    from export.artifacts import read_metadata
 
     res = export_aoti(tiny_ckpt, tmp_path / "out", frame_hw=FRAME_HW, frame_channels=1, max_batch=4, n=3,
                       device="cuda", quiet=True)
@@ -73,7 +73,7 @@ def test_aoti_cuda_package_passes_the_gate_and_matches_without_model_code(tiny_c
 
 
 def _load_without_model_code_and_compare(package, device, tiny_model, tmp_path):
-    from models.deploy import DeployModule
+    from deploy.graph import DeployModule
 
     inputs = []
     for b in (1, 3):

@@ -5,7 +5,7 @@ import pytest
 from onnx import numpy_helper
 
 from export import check as C
-from export.artifacts import read_metadata, write_sidecar
+from deploy.artifacts import read_metadata, write_sidecar
 
 
 def corrupt(src, dst, scale=1.5):
@@ -59,3 +59,17 @@ def test_compare_outputs_tolerances_are_data():
     assert comps[0].passed and not fails
     rho, tau = C.rank_agreement(np.array([1, 2, 3, 4.0]), np.array([1, 3, 2, 4.0]))
     assert rho == pytest.approx(0.8) and tau == pytest.approx(4 / 6)
+
+
+def test_gate_runs_the_artifact_through_the_deployed_loader(onnx_chunked, tiny_model):
+    """The engine that certified the artifact is the one deploy.load_engine gives runtime.stream and
+    runtime.serve for it, and the sidecar's parity record names it."""
+    from deploy import load_engine
+
+    res = C.check_artifact(tiny_model, onnx_chunked[0], n=3, seed=2)
+    with load_engine(onnx_chunked[0]) as deployed:
+        cls = type(deployed)
+        assert res.engine == {"class": f"{cls.__module__}.{cls.__qualname__}", "backend": deployed.backend}
+    assert res.engine["class"] == "deploy.ort.OrtEngine"
+    side = read_metadata(onnx_chunked[0])
+    assert side["parity"]["engine"]["class"] == "deploy.ort.OrtEngine"

@@ -7,9 +7,9 @@ import onnx
 import pytest
 import torch
 
-from export.artifacts import read_metadata, sha256_file, sidecar_path
+from deploy.artifacts import read_metadata, sha256_file, sidecar_path
 from models.checkpoint import checkpoint_metadata
-from models.deploy import DeployModule
+from deploy.graph import DeployModule
 
 from .conftest import FRAME_HW, PLUGIN_FRAME_HW, fresh_frames
 

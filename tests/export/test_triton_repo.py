@@ -6,6 +6,7 @@ from export.triton_repo import export_triton_repo
 from .conftest import FRAME_HW
 
 
+@pytest.mark.stack("serve")
 def test_repository_parses_and_matches_graph(onnx_chunked, tiny_ckpt, tmp_path):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed (serve extra)")
     from google.protobuf import text_format

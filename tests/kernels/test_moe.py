@@ -84,7 +84,7 @@ def _triton_device():
 @pytest.mark.parametrize("shape,dtype", [((2, 4, 5, 3, 7), torch.float32),
                                          ((1, 3, 33, 5, 5), torch.float32),
                                          ((1, 8, 6, 4, 4), torch.float16)])
-@pytest.mark.cuda
+@pytest.mark.stack("cuda")
 def test_triton_moe_gate_matches_reference(shape, dtype):
     from kernels.moe import _moe_gate_fwd
     dev = _triton_device()

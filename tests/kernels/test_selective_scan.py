@@ -144,7 +144,7 @@ def _triton_device():
     ((1, 3, 19, 4, 1), FLAGS[2], 2),
     ((2, 4, 9, 3, 2), FLAGS[3], None),
 ], ids=["all-1split", "plain-3splits", "D-bias-2splits", "z-softplus-auto"])
-@pytest.mark.cuda
+@pytest.mark.stack("cuda")
 def test_triton_forward_matches_reference(shape, flags, splits):
     from kernels.selective_scan import _selective_scan_fwd
     dev = _triton_device()
@@ -156,7 +156,7 @@ def test_triton_forward_matches_reference(shape, flags, splits):
     assert _rel_err(y.cpu(), y_ref) <= 1e-5 and _rel_err(h.cpu(), h_ref) <= 1e-5
 
 
-@pytest.mark.cuda
+@pytest.mark.stack("cuda")
 def test_triton_forward_half_and_steep_decays():
     from kernels.selective_scan import _selective_scan_fwd
     dev = _triton_device()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from models import create_model, list_models
 from models import checkpoint as C
 from models.base import IMAGENET_MEAN, IMAGENET_STD, LEGACY_NORM_BUFFER
-from models.deploy import DeployModule
+from deploy.graph import DeployModule
 from models.encoders import create_encoder
 
 TRACKED = [n for n in list_models() if hasattr(create_model(n, pretrained=False), LEGACY_NORM_BUFFER)]
@@ -55,7 +55,7 @@ def _tiny(name):
 
 
 def _write_pre_fix_checkpoint(net, path):
-    """What the code before the fix wrote: no flag buffer in the weights, ImageNet in the metadata."""
+    """A checkpoint of the layout without the flag buffer: ImageNet mean/std in the metadata."""
     sd = {k: v.detach().cpu() for k, v in net.state_dict().items() if k != LEGACY_NORM_BUFFER}
     assert len(sd) == len(net.state_dict()) - 1
     meta = C.checkpoint_metadata(net)

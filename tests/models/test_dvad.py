@@ -251,7 +251,7 @@ def test_paper_preset_sizes():
     ma = models.create_model("mambaad", pretrained=False, **D.MambaADConfig.paper().to_dict())
     n_enc = sum(p.numel() for p in ma.encoder.parameters())
     n_dec = sum(p.numel() for p in ma.parameters()) - n_enc
-    assert 8.0e6 < n_enc < 8.5e6                      # ResNet-34 layers 1-3: ~8.2 M (DESIGN.md)
+    assert 8.0e6 < n_enc < 8.5e6                      # ResNet-34 layers 1-3: ~8.2 M (docs/design.md section 4)
     assert 10e6 < n_dec < 25e6, n_dec
 
 
@@ -267,7 +267,7 @@ def test_layers_shapes_for_odd_sizes():
 
 def test_blur_taps_do_not_leak_out_of_fake_tracing():
     """A first call under FakeTensorMode (as in torch.export) must not poison later eager calls
-    (the taps used to be cached as a tensor)."""
+    (a tensor cached during tracing would be a fake one)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     ndimage = pytest.importorskip("scipy.ndimage")

@@ -1,4 +1,4 @@
-"""Python-backend pre/post-processing: numpy steps vs models.deploy.DeployModule (torch), the
+"""Python-backend pre/post-processing: numpy steps vs deploy.graph.DeployModule (torch), the
 generated repository parses with model_config_pb2, and PyTriton's bundled tritonserver serves the
 ensemble (pre -> core -> post) with the same answers as DeployModule."""
 from __future__ import annotations
@@ -15,10 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+from deploy import contract
+from deploy.contract import preprocess_frames
+from deploy.graph import DeployModule
+from deploy.triton_backend import postprocess_scores
+from export.triton_ensemble import add_prepost_ensemble, onnx_as_python_backend
+from export.triton_repo import parse_config
 from models.base import PreprocessConfig, ScoreStats
-from models.deploy import DeployModule
-from runtime.triton_python_backend import (add_prepost_ensemble, bundled_tritonserver, parse_config,
-                                           postprocess_scores, preprocess_frames)
+from runtime.serve import bundled_tritonserver
 
 
 class _Fake(nn.Module):
@@ -105,6 +109,7 @@ def _repo(tmp_path, model, hw, frame_ch, max_batch=4):
     return repo, dirs
 
 
+@pytest.mark.stack("serve")
 def test_generated_repository_parses(tmp_path):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] provides model_config_pb2")
     model = _Fake(32, 3)
@@ -120,7 +125,10 @@ def test_generated_repository_parses(tmp_path):
     assert list(pre.output[0].dims) == [3, 32, 32]
     post = parse_config(dirs["edge_ad_post"] / "config.pbtxt")
     assert post.parameters["role"].string_value == "postprocess"
-    assert (dirs["edge_ad_pre"] / "1" / "model.py").read_text().count("class TritonPythonModel") == 1
+    version = dirs["edge_ad_pre"] / "1"      # the backend code and the contract travel with the model
+    assert "from deploy.triton_backend import TritonPythonModel" in (version / "model.py").read_text()
+    assert (version / "deploy" / "triton_backend.py").read_text().count("class TritonPythonModel") == 1
+    assert (version / "deploy" / "contract.py").read_bytes() == pathlib.Path(contract.__file__).read_bytes()
     bad = tmp_path / "bad.pbtxt"
     bad.write_text('name: "x" max_batch_size: "eight"')
     with pytest.raises(ValueError, match="bad.pbtxt"):
@@ -194,6 +202,7 @@ class _Tritonserver:
         self.close()
 
 
+@pytest.mark.stack("serve")
 def test_bundled_tritonserver_serves_the_ensemble(tmp_path):
     hw, frame_ch = (37, 41), 1
     model = _Fake(32, 3)
@@ -211,25 +220,17 @@ def test_bundled_tritonserver_serves_the_ensemble(tmp_path):
             np.testing.assert_array_equal(res["verdict"].ravel(), norm.numpy() >= 0.5)
 
 
+@pytest.mark.stack("serve")
 def test_export_triton_repo_parses_and_serves_on_the_python_backend(padim_checkpoint, tmp_path_factory, tmp_path):
     """`export.triton_repo`'s repository (onnxruntime_onnx) parses with model_config_pb2; the
     bundled tritonserver has no onnxruntime backend, so the same model folder is switched to the
     Python backend (ONNX Runtime inside the stub) and must answer like the in-process engine."""
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] provides model_config_pb2")
-    pytest.importorskip("export.triton_repo", reason="export.triton_repo not available")
-    import importlib.util
-    import sys
-
+    from deploy import load_engine
     from export.triton_repo import export_triton_repo
-    from runtime.engines import load_engine
-    from runtime.triton_python_backend import onnx_as_python_backend
+    from tests.serve_helpers import exported_artifact
 
-    spec = importlib.util.spec_from_file_location("_edge_ad_serve_test_helpers2",
-                                                  pathlib.Path(__file__).with_name("test_serve.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = helpers
-    spec.loader.exec_module(helpers)
-    artifact = helpers.exported_artifact(padim_checkpoint, tmp_path_factory)
+    artifact = exported_artifact(padim_checkpoint, tmp_path_factory)
 
     repo = export_triton_repo(padim_checkpoint, tmp_path / "repo", onnx_path=artifact, max_batch=4, quiet=True)
     cfg = parse_config(repo.config)

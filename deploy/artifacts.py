@@ -1,8 +1,10 @@
 """Artifact metadata: what the runtime needs, embedded in the artifact and in a sidecar JSON.
 
-Layout (the deployed artifact contract, see models/deploy.py):
-- metadata = models.checkpoint.checkpoint_metadata(model) + {"export": {format, scan, opset,
-  frame_hw, frame_channels, batch, outputs, created, ...}}
+Torch-free (json, hashlib, zipfile; `onnx` only to read an ONNX file's embedded copy). Layout (the
+deployed artifact contract, deploy/contract.py and docs/design.md section 4):
+- metadata = the checkpoint's metadata (models.checkpoint.checkpoint_metadata: format, model,
+  config, preprocess, score_stats, class_names, versions) + {"export": {format, scan, opset,
+  frame_hw, frame_channels, batch, outputs, created, ...}} (export._common.build_metadata)
 - ONNX: metadata_props["edge_ad"] = JSON of the metadata.
 - AOTInductor .pt2: the same JSON in the package metadata (`aot_inductor.metadata["edge_ad"]`).
 - TensorRT .engine: a plain plan; metadata only in the sidecar.
@@ -16,15 +18,13 @@ fields that disagree with what the caller expects.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
 import pathlib
 from typing import Any, Dict, Optional
 
-META_KEY = "edge_ad"
-SIDECAR_ONLY_KEYS = ("artifact_sha256", "parity")
+from .contract import META_KEY, METADATA_FORMAT, METADATA_FORMAT_VERSION, SIDECAR_ONLY_KEYS
 
 
 class ArtifactError(ValueError):
@@ -45,23 +45,6 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def build_metadata(model, **export: Any) -> Dict[str, Any]:
-    """checkpoint_metadata(model) + an "export" dict (given fields + creation time, versions)."""
-    from models.checkpoint import checkpoint_metadata
-
-    meta = checkpoint_metadata(model)
-    ex = dict(export)
-    ex.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    try:
-        import onnx
-
-        meta["versions"]["onnx"] = onnx.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    meta["export"] = json.loads(json.dumps(ex))
-    return meta
 
 
 # ---- ONNX -------------------------------------------------------------------------------
@@ -138,9 +121,6 @@ def strip_sidecar_keys(meta: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in SIDECAR_ONLY_KEYS}
 
 
-_strip = strip_sidecar_keys
-
-
 def _check_expect(path, meta: Dict[str, Any], expect: Dict[str, Any]) -> None:
     """expect: dotted keys -> values, e.g. {"model": "dvad", "export.frame_hw": [256, 256]}."""
     for key, want in expect.items():
@@ -175,8 +155,6 @@ def read_metadata(path, expect: Optional[Dict[str, Any]] = None, require_sidecar
         if expect:
             _check_expect(path, meta, expect)
         return meta
-    from models.checkpoint import FORMAT, FORMAT_VERSION
-
     side_p = sidecar_path(path)
     side = None
     if side_p.is_file():
@@ -197,20 +175,20 @@ def read_metadata(path, expect: Optional[Dict[str, Any]] = None, require_sidecar
     if side is None and (require_sidecar or embedded is None):
         raise ArtifactError(f"{path}: sidecar metadata {side_p.name} not found next to the artifact "
                             "(export writes both; copy them together)")
-    if embedded is not None and side is not None and _strip(side) != embedded:
-        diff = sorted(k for k in set(_strip(side)) | set(embedded) if _strip(side).get(k) != embedded.get(k))
+    if embedded is not None and side is not None and strip_sidecar_keys(side) != embedded:
+        diff = sorted(k for k in set(strip_sidecar_keys(side)) | set(embedded) if strip_sidecar_keys(side).get(k) != embedded.get(k))
         raise ArtifactError(f"{path}: embedded metadata and sidecar {side_p.name} disagree on {diff} "
                             "(mixed-up files)")
     meta = side if side is not None else embedded
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: metadata format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") != METADATA_FORMAT:
+        raise ArtifactError(f"{path}: metadata format {meta.get('format')!r}, expected {METADATA_FORMAT!r}")
     try:
         fv = int(meta.get("format_version", -1))
     except (TypeError, ValueError):
         fv = -1
-    if fv < 1 or fv > FORMAT_VERSION:
+    if fv < 1 or fv > METADATA_FORMAT_VERSION:
         raise ArtifactError(f"{path}: metadata format_version {meta.get('format_version')!r} not supported "
-                            f"(this toolkit reads 1..{FORMAT_VERSION})")
+                            f"(this toolkit reads 1..{METADATA_FORMAT_VERSION})")
     if not isinstance(meta.get("export"), dict):
         raise ArtifactError(f"{path}: metadata has no 'export' section (not an exported artifact)")
     if expect:

@@ -7,13 +7,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.artifacts import (ArtifactError, build_metadata, embed_onnx_metadata, read_metadata, sidecar_path,
-                              write_sidecar)
+from deploy.artifacts import ArtifactError, embed_onnx_metadata, read_metadata, sidecar_path, write_sidecar
+from export._common import build_metadata
 
 
 @pytest.fixture(scope="module")
 def model():
-    from .conftest import tiny_dvad
+    from tests.export.conftest import tiny_dvad
 
     m = tiny_dvad()
     m.class_names = ["a", "b"]

@@ -1,5 +1,5 @@
-"""`make bench` refreshes only its own block of RESULTS.md."""
-from benchmarks import latency as lat
+"""benchmarks/report.py: `make bench` refreshes only its own block of RESULTS.md."""
+from benchmarks import report as lat
 
 
 def test_block_is_appended_then_replaced_in_place(tmp_path):

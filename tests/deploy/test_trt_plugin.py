@@ -1,4 +1,4 @@
-"""export.trt_plugin: plugin form selection per TensorRT version, the AOT form's TensorRT-free parts,
+"""deploy.trt_plugin: plugin form selection per TensorRT version, the AOT form's TensorRT-free parts,
 and an emulation of TensorRT's AOT launch on CPU: every `edgead::SelectiveScan` node of an exported
 plugin graph is computed by launching the single-launch kernel (Triton interpreter) with exactly
 what the aot_impl hands TensorRT - kernel spec from the node's dtypes / d_state / attributes, grid
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kernels
-from export import trt_plugin
+from deploy import trt_plugin
 from kernels import onnx_plugin, selective_scan_ref
 from kernels.testing import TwoScans, make_scan_inputs, to_double
 
@@ -143,6 +143,7 @@ def test_aot_graph_runs_in_onnxruntime(plugin_graph):
 
 
 # ---- real TensorRT (skips where it does not import) ---------------------------------------------
+@pytest.mark.stack("tensorrt")
 def test_tensorrt_plugin_engine(plugin_graph):
     trt = pytest.importorskip("tensorrt", reason="tensorrt is not installed: plugin engines are built and "
                                                  "run only where it imports (pip install tensorrt, CUDA GPU)")

@@ -1,12 +1,12 @@
 """TensorRT plugin `edgead::SelectiveScan` backed by our Triton scan kernels (tensorrt.plugin).
 
-Only imported where `tensorrt` is (export.trt calls `register_selective_scan_plugin()` before
-parsing a `--scan plugin` graph). The ONNX parser maps each `edgead::SelectiveScan` node (op_type =
+Registered where `tensorrt` is: export.trt calls `register_selective_scan_plugin()` before
+parsing a `--scan plugin` graph, deploy.tensorrt before loading a plan built with the JIT form. The ONNX parser maps each `edgead::SelectiveScan` node (op_type =
 plugin name, attributes plugin_namespace / plugin_version [/ aot]; see kernels/onnx_plugin.py)
 to the plugin registered here. Node inputs: u, delta, A, B, C, D, z, delta_bias; attributes
 delta_softplus, has_z; output y (u's shape and dtype).
 
-Forms (DESIGN.md section 1):
+Forms (docs/design.md section 2):
 - AOT (`@trtp.aot_impl`, TensorRT >= 10.9), preferred: the single-launch kernel of
   kernels/scan_aot.py compiled by Triton to PTX for the build GPU's SM and embedded in the
   engine, launched by TensorRT with (u, delta, A, B, C, D, z, delta_bias, dim, length, groups, y),
@@ -47,10 +47,8 @@ def trt_version() -> Tuple[int, ...]:
 
 
 def _triton_problem() -> Optional[str]:
-    try:
-        from kernels import scan_aot
-    except Exception as e:  # noqa: BLE001 - any import failure means no AOT form
-        return f"kernels.scan_aot does not import ({type(e).__name__}: {e})"
+    from kernels import scan_aot
+
     if scan_aot.triton is None:
         return "triton is not installed (pip install triton)"
     return None

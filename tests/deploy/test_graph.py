@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.base import ScoreStats
-from models.deploy import DeployModule
+from deploy.graph import DeployModule
 
 
 @pytest.fixture(scope="module")

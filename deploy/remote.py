@@ -24,21 +24,14 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-try:  # the shared engine interface (runtime.engines); RemoteEngine is one more backend
-    from runtime.engines import Engine as _EngineBase
-    from runtime.engines import EngineError as _ErrorBase
-except ImportError:  # pragma: no cover - only while runtime.engines is absent
-    _EngineBase, _ErrorBase = object, ValueError
+from .contract import (FULL_MAP_NAME, INPUT_NAME, OUTPUT_NAMES, PER_IMAGE_OUTPUTS, TRITON_METADATA_OUTPUT,
+                       TRITON_METADATA_SUFFIX)
+from .engine import Engine, EngineError
 
-INPUT_NAME = "frames"
-CONTRACT_OUTPUTS = ("anomaly_map", "score", "normalized_score")
-FULL_MAP = "anomaly_map_full"
-METADATA_SUFFIX = "_metadata"
-METADATA_OUTPUT = "edge_ad"
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 
 
-class RemoteError(_ErrorBase):
+class RemoteError(EngineError):
     """The remote model cannot be reached or used; the message names the URI and the problem."""
 
 
@@ -91,7 +84,7 @@ def parse_uri(uri: str) -> RemoteURI:
     return RemoteURI(p.scheme, p.hostname, port, parts[0], parts[1] if len(parts) == 2 else "")
 
 
-class RemoteEngine(_EngineBase):
+class RemoteEngine(Engine):
     """Engine interface (infer / infer_async / meta / close) backed by a Triton model."""
 
     backend = "remote"
@@ -157,14 +150,14 @@ class RemoteEngine(_EngineBase):
             out_names = [o["name"] for o in cfg.get("output", [])]
         if not inputs or inputs[0][0] != INPUT_NAME:
             raise RemoteError(f"{self.uri}: model input is {[n for n, _ in inputs]}, expected {INPUT_NAME!r}")
-        missing = [n for n in CONTRACT_OUTPUTS if n not in out_names]
+        missing = [n for n in OUTPUT_NAMES if n not in out_names]
         if missing:
             raise RemoteError(f"{self.uri}: model lacks outputs {missing} (has {out_names})")
         self._server_max_batch = max_batch if max_batch > 0 else 0   # 0: the model does not batch
         dims = inputs[0][1]
         self.input_shape = tuple([-1] + [int(d) for d in dims]) if self._server_max_batch else \
             tuple(int(d) for d in dims)
-        wanted = list(outputs) if outputs else list(CONTRACT_OUTPUTS) + ([FULL_MAP] if FULL_MAP in out_names else [])
+        wanted = list(outputs) if outputs else list(OUTPUT_NAMES) + ([FULL_MAP_NAME] if FULL_MAP_NAME in out_names else [])
         bad = [n for n in wanted if n not in out_names]
         if bad:
             raise RemoteError(f"{self.uri}: requested outputs {bad} not served (has {out_names})")
@@ -176,22 +169,19 @@ class RemoteEngine(_EngineBase):
         frame_hw = tuple(hwc[:2]) if len(hwc) == 3 and min(hwc[:2]) > 0 else \
             (tuple(exp["frame_hw"]) if exp.get("frame_hw") else None)
         channels = int(hwc[2]) if len(hwc) == 3 and hwc[2] > 0 else int(exp.get("frame_channels") or 3)
-        if _EngineBase is not object:
-            _EngineBase.__init__(self, self.uri.model, meta, frame_hw, channels, None)
-        else:
-            self.meta, self.frame_hw, self.frame_channels = meta, frame_hw, channels
+        Engine.__init__(self, self.uri.model, meta, frame_hw, channels, None)
         # after the base initialiser (which derives its own limit from artifact metadata): the
         # server's max_batch_size is the limit that holds for this engine (None = unbatched model)
         self.max_batch = self._server_max_batch or None
 
     def _fetch_metadata(self, c) -> dict:
-        name = self.uri.model + METADATA_SUFFIX
+        name = self.uri.model + TRITON_METADATA_SUFFIX
         try:
             if not c.is_model_ready(name):
                 return {}
             res = c.infer(name, [], client_timeout=self.timeout_s) if self.uri.protocol == "grpc" \
                 else c.infer(name, [])
-            raw = res.as_numpy(METADATA_OUTPUT).reshape(-1)[0]
+            raw = res.as_numpy(TRITON_METADATA_OUTPUT).reshape(-1)[0]
             return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         except Exception:
             return {}
@@ -216,7 +206,7 @@ class RemoteEngine(_EngineBase):
         out = {}
         for n in self.output_names:
             a = res.as_numpy(n)
-            out[n] = a.reshape(b) if n in ("score", "normalized_score", "verdict") else a
+            out[n] = a.reshape(b) if n in PER_IMAGE_OUTPUTS else a
         return out
 
     def _check(self, frames) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""runtime.cuda_buffers: backend selection and its errors against the real environment, the
+"""deploy.cuda_buffers: backend selection and its errors against the real environment, the
 host -> device -> host round trip where a CUDA device is visible, and injected CUDA error codes.
 
 Each expected failure reason is found here independently of the module (importlib for pycuda,
@@ -10,7 +10,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from runtime import cuda_buffers as cb
+from deploy import cuda_buffers as cb
 
 
 def _find(mod: str) -> bool:
@@ -98,7 +98,7 @@ def test_auto_tries_each_backend_in_order_and_lists_every_reason():
     assert cb.usable("auto") is None
 
 
-@pytest.mark.cuda
+@pytest.mark.stack("cuda")
 def test_auto_picks_the_first_usable_backend_in_design_order():
     exp = {n: _expected(n) for n in cb.BACKENDS}
     usable = [n for n in cb.BACKENDS if exp[n] is None]
@@ -127,7 +127,7 @@ def _open(name):
 
 
 @pytest.mark.parametrize("name", cb.BACKENDS)
-@pytest.mark.cuda
+@pytest.mark.stack("cuda")
 def test_host_device_host_round_trip(name):
     rng = np.random.default_rng()
     with _open(name) as b:
@@ -203,7 +203,7 @@ def test_cuda_python_device_count_failures_are_classified(result, kind, text):
     assert text in str(ei.value)
 
 
-@pytest.mark.cuda
+@pytest.mark.stack("cuda")
 def test_a_failed_copy_on_a_real_device_names_the_call():
     rt = _rt_or_skip()
     b = _open("cuda-python")

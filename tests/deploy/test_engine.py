@@ -4,10 +4,11 @@
 import numpy as np
 import pytest
 
-from runtime import cuda_buffers
-from runtime.engines import (Engine, EngineError, OrtEngine, TensorRTEngine, available_backends,
-                             choose_backend, load_engine, trt)
-from tests.runtime.conftest import TILE, export_onnx_artifact
+from deploy import cuda_buffers
+from deploy import Engine, EngineError, available_backends, choose_backend, load_engine
+from deploy.ort import OrtEngine
+from deploy.tensorrt import TensorRTEngine, trt
+from tests.strip_model import TILE, export_onnx_artifact
 
 
 def _frames(n, seed):
@@ -102,6 +103,7 @@ def test_tensorrt_without_tensorrt_or_gpu_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("buffers", cuda_buffers.BACKENDS)
+@pytest.mark.stack("tensorrt")
 def test_tensorrt_engine_matches_onnx_runtime_with_each_buffer_backend(buffers, request, tmp_path):
     """Where tensorrt imports and a CUDA device is visible (never on the CPU-only CI machine):
     an fp32 engine (TensorRT may use TF32, hence the looser tolerance) == ORT on CPU, batch 1,
@@ -158,7 +160,7 @@ def test_jit_plugin_engines_register_the_plugin_before_loading():
     """A plan built with the JIT SelectiveScan plugin needs the plugin registered at run time;
     AOT-form and plugin-free plans need nothing. Without tensorrt the registration fails with one
     error naming the plan; with it, the form registered is the JIT one."""
-    from runtime.engines import _register_plugin_for
+    from deploy.tensorrt import _register_plugin_for
 
     assert _register_plugin_for({"export": {"plugin_form": None}}, "m.engine") is None
     assert _register_plugin_for({"export": {"plugin_form": "aot"}}, "m.engine") is None
@@ -178,7 +180,7 @@ def test_ort_engine_session_settings_and_threads(onnx_artifact, torch_engine):
     uses too); a 1-thread engine gives the same answers as the default one."""
     import onnxruntime as ort
 
-    from runtime.engines import ort_session_options
+    from deploy.ort import ort_session_options
 
     so = ort_session_options(3)
     assert so.intra_op_num_threads == 3 and not so.enable_profiling

@@ -1,5 +1,8 @@
 """DeployModule: raw camera frames in, anomaly map + scores out (the deployed artifact's graph).
 
+The torch implementation of deploy/contract.py: every exporter traces this module, and
+deploy.torch_engines.TorchEngine runs it eagerly as the parity gate's reference.
+
 Everything the runtime would otherwise have to repeat lives inside the graph, read from the
 model's own `preprocess` config (never from constants here):
 
@@ -25,15 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ITU-R BT.601 luma (what cv2.cvtColor(RGB2GRAY) uses).
-LUMA_RGB = (0.299, 0.587, 0.114)
-OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score")
-FULL_MAP_NAME = "anomaly_map_full"
-INPUT_NAME = "frames"
-
-
-def output_names(full_res_map: bool = False) -> Tuple[str, ...]:
-    return OUTPUT_NAMES + ((FULL_MAP_NAME,) if full_res_map else ())
+from .contract import LUMA_RGB, output_names
 
 
 def _check_hw(frame_hw) -> Tuple[int, int]:

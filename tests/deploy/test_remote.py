@@ -1,10 +1,9 @@
 """RemoteEngine against a real `runtime.serve` on loopback: same answers as the in-process
 engine over gRPC and HTTP, batches above the server's max batch split and merged, concurrent
-async calls, clear errors; and `runtime.stream --remote` end to end when the stream supports it."""
+async calls, clear errors; and `runtime.stream --remote` end to end."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -14,26 +13,14 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton", reason="nvidia-pytriton not installed (pip install 'edge-ad[serve]')")
-pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed (edge-ad[serve])")
-pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed (edge-ad[serve])")
-
-from runtime.remote import RemoteEngine, RemoteError, parse_uri  # noqa: E402
-from runtime.serve import open_engine  # noqa: E402
+from deploy.remote import RemoteEngine, RemoteError, parse_uri
+from runtime.serve import open_engine
+from tests import serve_helpers as H
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = H.SERVE_STACK
 
 
-def _serve_helpers():
-    spec = importlib.util.spec_from_file_location("_edge_ad_serve_test_helpers",
-                                                  pathlib.Path(__file__).with_name("test_serve.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
-
-
-H = _serve_helpers()
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +117,7 @@ def test_remote_engine_errors(server, local):
 
 def _stream_events(engine, uri, out_dir):
     from runtime.stream import run_stream
-    from tests.runtime.conftest import TILE
+    from tests.strip_model import TILE
 
     s = run_stream(engine, uri, out_dir=out_dir, tile=TILE, stride=48, max_batch=8, overload="block")
     events = [json.loads(x) for x in (out_dir / "events.jsonl").read_text().splitlines()]
@@ -140,8 +127,7 @@ def _stream_events(engine, uri, out_dir):
 def test_stream_through_remote_engine_end_to_end(server, local, tmp_path):
     """runtime.stream's pipeline on the simulated line camera, the model served by Triton:
     the same defect events as with the in-process engine."""
-    pytest.importorskip("runtime.stream", reason="runtime.stream not available")
-    from tests.runtime.conftest import SIM
+    from tests.strip_model import SIM
 
     d_line, d_col, r = 150, 100, 6
     uri = SIM + f"&rate=0&lines=40&total=400&defects={d_line}:{d_col}:{r}"
@@ -158,19 +144,8 @@ def test_stream_through_remote_engine_end_to_end(server, local, tmp_path):
     assert [[e[k] for k in keys] for e in ev_rem] == [[e[k] for k in keys] for e in ev_loc]
 
 
-def _stream_supports_remote() -> bool:
-    if importlib.util.find_spec("runtime.stream") is None:
-        return False
-    res = subprocess.run([sys.executable, "-m", "runtime.stream", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    return res.returncode == 0 and "--remote" in res.stdout
-
-
 def test_stream_cli_remote(server, tmp_path):
-    if not _stream_supports_remote():
-        pytest.skip("runtime.stream has no --remote option yet: the lead wires RemoteEngine.from_uri into "
-                    "runtime/stream.py (see docs/deploy.md)")
-    from tests.runtime.conftest import SIM
+    from tests.strip_model import SIM
 
     uri = f"grpc://127.0.0.1:{server.grpc_port}/edge_ad"
     res = subprocess.run([sys.executable, "-m", "runtime.stream", "--remote", uri, "--source",
