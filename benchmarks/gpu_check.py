@@ -47,11 +47,8 @@ import shlex
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
-import xml.etree.ElementTree as ET
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -67,6 +64,7 @@ OUT_FILES = ("gpu_check.json", "gpu_check.md", "pytest.log", "steps.log", "detai
 MAX_OUT_FILES = 8
 SELECTABLE = ("tests", "kernels", "latency", "stream")
 RESERVE_S = 15.0   # kept back from --budget for the final report
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 WARM_SHARE = 0.45  # phase 1's warm-up compiles stop at this share of --budget
 
 
@@ -82,6 +80,7 @@ class Step:
     est_s: float                   # expected on the H200 (printed in the plan)
     result: Optional[pathlib.Path] = None   # JSON the step writes
     min_s: float = 20.0            # not started with less than this left
+    deadline_flag: Optional[str] = None   # the step's own option for "stop starting work after N s"
     env: Dict[str, str] = field(default_factory=dict)
     phase: str = "timed"
     record: dict = field(default_factory=dict)
@@ -93,15 +92,18 @@ class Running:
 
     def __init__(self, step: Step, limit: float, env: dict, log_dir: pathlib.Path):
         self.step, self.limit = step, limit
+        self.argv = list(step.argv) + ([step.deadline_flag, f"{max(limit - 10, 5):.0f}"] if step.deadline_flag else [])
         self.log = log_dir / f"{step.name.replace(':', '_')}.log"
         self._fh = open(self.log, "w")
-        self._fh.write("$ " + " ".join(shlex.quote(a) for a in step.argv) + "\n")
+        self._fh.write("$ " + " ".join(shlex.quote(a) for a in self.argv) + "\n")
         self._fh.flush()
         self.t0 = time.monotonic()
         self.ended: Optional[float] = None
         self.timed_out = False
-        self.proc = subprocess.Popen(step.argv, cwd=ROOT, env=dict(env, **step.env), stdout=self._fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        # its own process group (killed whole), but the caller's session: whatever ends this
+        # command's session ends the children too
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=dict(env, **step.env), stdout=self._fh,
+                                     stderr=subprocess.STDOUT, **_OWN_GROUP)
         self._watcher = threading.Thread(target=self._enforce, daemon=True)
         self._watcher.start()
 
@@ -110,10 +112,10 @@ class Running:
             self.proc.wait(timeout=self.limit)
         except subprocess.TimeoutExpired:
             self.timed_out = True
-            self._kill()
+            self.kill()
         self.ended = time.monotonic()
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
         """SIGTERM to the whole process group (Inductor's compile workers too), 5 s, then SIGKILL
         to whatever of the group is left."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -141,7 +143,7 @@ class Running:
         if "status" not in rec:
             status = "timeout" if self.timed_out else ("ok" if rc == 0 else "failed")
             rec.update(status=status, rc=rc, seconds=round(self.ended - self.t0, 1), limit_s=round(self.limit, 1),
-                       log=str(self.log), command=" ".join(shlex.quote(a) for a in self.step.argv))
+                       log=str(self.log), command=" ".join(shlex.quote(a) for a in self.argv))
             if status == "timeout":
                 rec["reason"] = f"killed at its {self.limit:.0f} s limit"
             elif status == "failed":
@@ -197,7 +199,7 @@ def plan(c: Config) -> Dict[str, List[Step]]:
                                max_s=60, est_s=10, result=w / "env.json", min_s=5, phase="setup"))
     if "tests" in c.steps:
         argv = [py, "-m", "pytest", "--stack", "cuda", "-p", "no:cacheprovider", "-q", "-rfEs",
-                "--continue-on-collection-errors", f"--timeout={gpu(240)}", "--junitxml", str(w / "junit.xml"),
+                "--continue-on-collection-errors", "--durations=15", f"--timeout={gpu(240)}", "--junitxml", str(w / "junit.xml"),
                 "tests"]
         if c.pytest_k:
             argv[-1:-1] = ["-k", c.pytest_k]
@@ -206,8 +208,10 @@ def plan(c: Config) -> Dict[str, List[Step]]:
     if "stream" in c.steps and "dvad" not in models:
         models = ["dvad"] + models
     if models:
+        # built on the CPU (prepare / calibrate are not what this check proves; the latency and stream
+        # steps move the checkpoints to the GPU themselves)
         steps["setup"].append(Step("models", [py, "-m", "benchmarks.gpu_steps", "models", "--out", str(w / "models"),
-                                              "--names", ",".join(models), "--device", c.device,
+                                              "--names", ",".join(models), "--device", "cpu",
                                               "--json", str(w / "models.json")] + (["--dry-run"] if dry else []),
                                    max_s=gpu(180), est_s=40, result=w / "models.json", phase="setup"))
     aoti = "aoti" in c.backends
@@ -226,9 +230,8 @@ def plan(c: Config) -> Dict[str, List[Step]]:
         if "torch-compile" in c.backends and c.warm_jobs:
             steps["warm"].append(Step("warm:kernels", kern + ["--reps", "1"], max_s=gpu(180), est_s=60,
                                       env=warm_env, phase="warm"))
-        steps["timed"].append(Step("kernels", kern + ["--json", str(w / "kernels.json"), "--deadline",
-                                                      str(gpu(150))], max_s=gpu(180), est_s=60,
-                                   result=w / "kernels.json", phase="timed"))
+        steps["timed"].append(Step("kernels", kern + ["--json", str(w / "kernels.json")], max_s=gpu(180), est_s=60,
+                                   result=w / "kernels.json", deadline_flag="--deadline", phase="timed"))
     order = [m for m in c.models if "latency" in c.steps]
     for m in order:
         if compiled and c.warm_jobs:
@@ -236,16 +239,16 @@ def plan(c: Config) -> Dict[str, List[Step]]:
                                       max_s=gpu(420), est_s=120, env=warm_env, phase="warm"))
         steps["timed"].append(Step(f"latency:{m}", _latency_argv(c, m, c.backends, c.reps, 3, w / "latency" / m),
                                    max_s=gpu(300), est_s=90 if compiled else 20, result=w / "latency" / m / "latency.json",
-                                   min_s=40 if compiled else 15))
+                                   min_s=60 if compiled else 15))
     if "stream" in c.steps:
         engine = w / "stream_engine" / "model.pt2" if aoti else w / "models" / "dvad.pt"
         secs, bare = (2, 0.5) if dry else (20, 4)
         width, rate = (512, 500) if dry else (4096, 20000)
         st = Step("stream", [py, "-m", "benchmarks.gpu_steps", "stream", "--engine", str(engine), "--device", c.device,
                              "--width", str(width), "--rate", str(rate), "--seconds", str(secs), "--bare-seconds",
-                             str(bare), "--deadline", str(gpu(110)), "--json", str(w / "stream.json")]
+                             str(bare), "--json", str(w / "stream.json")]
                   + (["--tile", "64"] if dry else []),   # the test-sized models' input
-                  max_s=gpu(120), est_s=60, result=w / "stream.json", min_s=30 + secs)
+                  max_s=gpu(120), est_s=60, result=w / "stream.json", min_s=30 + secs, deadline_flag="--deadline")
         # right after the first model's latency (dvad's by default), before the rest of the zoo
         names = [s.name for s in steps["timed"]]
         at = names.index(f"latency:{order[0]}") + 1 if order else len(names)
@@ -262,6 +265,7 @@ class Check:
         self.records: Dict[str, dict] = {}
         self.order: List[str] = []
         self.fatal: Optional[str] = None
+        self.live: List[Running] = []
         self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.command = " ".join(shlex.quote(a) for a in sys.argv)
         (c.work / "logs").mkdir(parents=True, exist_ok=True)
@@ -289,7 +293,9 @@ class Check:
                                                             f"the step needs >= {step.min_s:.0f} s")
             return None
         print(f"[gpu-check] {step.name} (limit {min(step.max_s, left):.0f} s) ...", flush=True)
-        return Running(step, min(step.max_s, left), self.env, self.c.work / "logs")
+        r = Running(step, min(step.max_s, left), self.env, self.c.work / "logs")
+        self.live.append(r)
+        return r
 
     def run(self, step: Step) -> dict:
         r = self.start(step)
@@ -298,12 +304,31 @@ class Check:
         return rec
 
     def _done(self, name):
+        self.live = [r for r in self.live if r.step.name != name]
         rec = self.records[name]
         print(f"[gpu-check] {name}: {rec.get('status')} ({rec.get('seconds', 0)} s)"
               + (f" - {rec['reason']}" if rec.get("reason") else ""), flush=True)
         self.write()
 
+    def _interrupted(self, signum, frame):
+        """SIGTERM / Ctrl-C: end the running steps' process groups, keep what was measured."""
+        for r in list(self.live):
+            r.kill()
+            r.wait()["status"] = "interrupted"
+            self._done(r.step.name)
+        self.fatal = f"interrupted by signal {signum}"
+        self.write(final=True)
+        raise SystemExit(128 + signum)
+
     def execute(self, steps: Dict[str, List[Step]]) -> int:
+        old = {sig: signal.signal(sig, self._interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._execute(steps)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _execute(self, steps: Dict[str, List[Step]]) -> int:
         setup = list(steps["setup"])
         env = self.run(setup.pop(0))
         cuda = bool((env.get("result") or {}).get("cuda_available"))
@@ -358,7 +383,7 @@ class Check:
                "fatal": self.fatal}
         get = lambda n: (self.records.get(n) or {}).get("result")   # noqa: E731
         res["env"] = get("env")
-        res["tests"] = parse_junit(c.work / "junit.xml") if (c.work / "junit.xml").is_file() else None
+        res["tests"] = gpu_report.parse_junit(c.work / "junit.xml") if (c.work / "junit.xml").is_file() else None
         res["models"] = get("models")
         res["kernels"] = get("kernels")
         res["latency"] = {n.split(":", 1)[1]: _latency_rows(self.records[n].get("result"))
@@ -389,12 +414,12 @@ class Check:
                     text = pathlib.Path(rec["log"]).read_text(errors="replace")
                     f.write(text if len(text) < 60_000 else "[... cut ...]\n" + text[-60_000:])
         if final:
-            pack_details(self.c.work, out / "details.tar.gz")
+            gpu_report.pack_details(self.c.work, out / "details.tar.gz")
             extra = sorted(p.name for p in out.iterdir() if p.name not in OUT_FILES)
             if len(extra) + len(OUT_FILES) > MAX_OUT_FILES:
                 print(f"warning: {out} holds {len(extra)} other files ({', '.join(extra[:5])}): only "
                       f"{MAX_OUT_FILES} files come back from the device machine", file=sys.stderr)
-            print("\n" + md)
+            print("\n" + md.split("\n## Kernel speed")[0])   # the rest is in gpu_check.md
             print(f"written: {', '.join(str(out / n) for n in OUT_FILES if (out / n).exists())}")
 
 
@@ -406,41 +431,6 @@ def _latency_rows(result: Optional[dict]) -> Optional[dict]:
     return {"model": result.get("model"), "host": result.get("host"), "settings": result.get("settings"),
             "model_source": result.get("model_source"),
             "rows": [{k: r.get(k) for k in keep} for r in result.get("rows", [])]}
-
-
-def parse_junit(path: pathlib.Path) -> dict:
-    """Counts, failures (test id + first line) and skip reasons (grouped) from pytest's junit XML."""
-    root = ET.parse(path).getroot()
-    cases = list(root.iter("testcase"))
-    failed, errors, skips, passed = [], [], Counter(), 0
-    for tc in cases:
-        tid = f"{tc.get('classname', '')}::{tc.get('name', '')}"
-        f, e, s = tc.find("failure"), tc.find("error"), tc.find("skipped")
-        if f is not None:
-            failed.append({"test": tid, "message": (f.get("message") or "").splitlines()[0][:300] if f.get("message") else ""})
-        elif e is not None:
-            errors.append({"test": tid, "message": (e.get("message") or "")[:300]})
-        elif s is not None:
-            skips[(s.get("message") or "").strip()[:200]] += 1
-        else:
-            passed += 1
-    return {"total": len(cases), "passed": passed, "failed": failed, "errors": errors,
-            "skipped": sum(skips.values()), "skip_reasons": dict(skips.most_common())}
-
-
-def pack_details(work: pathlib.Path, dest: pathlib.Path, limit: int = 15 << 20) -> None:
-    """The per-step files (no checkpoints or artifacts) as one tar.gz under `limit` bytes; logs
-    are dropped first when it would be larger."""
-    files = [p for p in (work / "latency").rglob("*") if p.is_file()] if (work / "latency").is_dir() else []
-    files += [work / n for n in ("env.json", "models.json", "kernels.json", "stream.json", "stream_export.json",
-                                 "junit.xml") if (work / n).is_file()]
-    logs = sorted((work / "logs").glob("*.log")) if (work / "logs").is_dir() else []
-    for with_logs in (True, False):
-        with tarfile.open(dest, "w:gz") as tar:
-            for p in files + (logs if with_logs else []):
-                tar.add(p, arcname=str(p.relative_to(work)))
-        if dest.stat().st_size <= limit:
-            return
 
 
 def rerun_command(c: Config, missing: List[str]) -> str:

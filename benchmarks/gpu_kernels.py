@@ -119,6 +119,29 @@ def scan_methods(compile_ok: bool):
     return m
 
 
+def measure(row: dict, fn, sets, device: str, reps: int, warmup: int, deadline: float, error_of) -> None:
+    """Fill `row`: the first call on sets[0] (timed; its output checked by `error_of`), then
+    `reps` timed calls rotating over `sets`; a failure is recorded, never raised."""
+    if time.monotonic() > deadline:
+        row.update(status="not reached", reason="--deadline passed")
+        return
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            y = fn(sets[0])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            row["first_call_s"] = time.perf_counter() - t0
+            row["rel_err_vs_fp64_ref"] = error_of(y)
+            ms = time_calls(fn, sets, device, reps, warmup)
+    except Exception as e:   # one method failing must not lose the others
+        row.update(status="error", reason=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+        return
+    med = float(np.median(ms))
+    row.update(status="ok", median_ms=med, p90_ms=float(np.percentile(ms, 90)), n=len(ms),
+               gbytes_per_s=row["bytes"] / med / 1e6)
+
+
 def bench_scan(length, dim, batch, device, reps, warmup, methods, rows, deadline):
     kw = make_scan_inputs(batch, dim, length, N_STATE, GROUPS, seed=length + batch, with_z=False, device=device)
     nbytes = sum(kw[k].numel() * kw[k].element_size() for k in SCAN_TENSORS) + kw["u"].numel() * kw["u"].element_size()
@@ -134,24 +157,7 @@ def bench_scan(length, dim, batch, device, reps, warmup, methods, rows, deadline
     for name, fn in methods.items():
         row = dict(base, method=name)
         rows.append(row)
-        if time.monotonic() > deadline:
-            row.update(status="not reached", reason="--deadline passed")
-            continue
-        try:
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                y = fn(kw)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                first_s = time.perf_counter() - t0
-                row["rel_err_vs_fp64_ref"] = _rel_err(y[:1, :ch], ref)
-                ms = time_calls(fn, sets, device, reps, warmup)
-        except Exception as e:   # one method failing must not lose the others
-            row.update(status="error", reason=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
-            continue
-        med = float(np.median(ms))
-        row.update(status="ok", median_ms=med, p90_ms=float(np.percentile(ms, 90)), n=len(ms),
-                   gbytes_per_s=nbytes / med / 1e6, first_call_s=first_s)
+        measure(row, fn, sets, device, reps, warmup, deadline, lambda y: _rel_err(y[:1, :ch], ref))
         if name == "compiled":
             row["note"] = "first_call_s includes the compile"
 
@@ -174,19 +180,7 @@ def bench_moe(shape, device, reps, warmup, compile_ok, rows, deadline):
         row = dict(op="moe_gate", shape=list(shape), batch=b, dtype="fp32", bytes=nbytes, method=name,
                    rotation=len(sets))
         rows.append(row)
-        if time.monotonic() > deadline:
-            row.update(status="not reached", reason="--deadline passed")
-            continue
-        try:
-            with torch.no_grad():
-                row["rel_err_vs_fp64_ref"] = _rel_err(fn(logits, experts), ref)
-                ms = time_calls(lambda s: fn(*s), sets, device, reps, warmup)
-        except Exception as e:
-            row.update(status="error", reason=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
-            continue
-        med = float(np.median(ms))
-        row.update(status="ok", median_ms=med, p90_ms=float(np.percentile(ms, 90)), n=len(ms),
-                   gbytes_per_s=nbytes / med / 1e6)
+        measure(row, lambda s, fn=fn: fn(*s), sets, device, reps, warmup, deadline, lambda y: _rel_err(y, ref))
 
 
 def verdicts(rows, copy_gbps: float) -> list:

@@ -1,8 +1,12 @@
-"""The GPU check's verdicts against issue 14's goals and its Markdown summary (benchmarks/gpu_check.py
-writes both after every step; the Markdown is what goes into benchmarks/RESULTS.md)."""
+"""The GPU check's results (benchmarks/gpu_check.py writes them after every step): pytest's junit
+XML read into counts, the verdicts against issue 14's goals, the Markdown summary that goes into
+benchmarks/RESULTS.md, and the tar of the per-step files."""
 from __future__ import annotations
 
 import pathlib
+import tarfile
+import xml.etree.ElementTree as ET
+from collections import Counter
 from typing import Dict, List, Optional
 
 # (goal, target) -> how to read it from the check's result; moonshots are reported, never required
@@ -75,6 +79,41 @@ def goals(res: dict) -> List[dict]:
                 "value": None if bare is None else f"{bare:,.0f}",
                 "verdict": _verdict(None if bare is None else bare >= TILES_MOON, dry)})
     return out
+
+
+def parse_junit(path: pathlib.Path) -> dict:
+    """Counts, failures (test id + first line) and skip reasons (grouped) from pytest's junit XML."""
+    root = ET.parse(path).getroot()
+    cases = list(root.iter("testcase"))
+    failed, errors, skips, passed = [], [], Counter(), 0
+    for tc in cases:
+        tid = f"{tc.get('classname', '')}::{tc.get('name', '')}"
+        f, e, s = tc.find("failure"), tc.find("error"), tc.find("skipped")
+        if f is not None:
+            failed.append({"test": tid, "message": (f.get("message") or "").splitlines()[0][:300] if f.get("message") else ""})
+        elif e is not None:
+            errors.append({"test": tid, "message": (e.get("message") or "")[:300]})
+        elif s is not None:
+            skips[(s.get("message") or "").strip()[:200]] += 1
+        else:
+            passed += 1
+    return {"total": len(cases), "passed": passed, "failed": failed, "errors": errors,
+            "skipped": sum(skips.values()), "skip_reasons": dict(skips.most_common())}
+
+
+def pack_details(work: pathlib.Path, dest: pathlib.Path, limit: int = 15 << 20) -> None:
+    """The per-step files (no checkpoints or artifacts) as one tar.gz under `limit` bytes; logs
+    are dropped first when it would be larger."""
+    files = [p for p in (work / "latency").rglob("*") if p.is_file()] if (work / "latency").is_dir() else []
+    files += [work / n for n in ("env.json", "models.json", "kernels.json", "stream.json", "stream_export.json",
+                                 "junit.xml") if (work / n).is_file()]
+    logs = sorted((work / "logs").glob("*.log")) if (work / "logs").is_dir() else []
+    for with_logs in (True, False):
+        with tarfile.open(dest, "w:gz") as tar:
+            for p in files + (logs if with_logs else []):
+                tar.add(p, arcname=str(p.relative_to(work)))
+        if dest.stat().st_size <= limit:
+            return
 
 
 # ---- Markdown ---------------------------------------------------------------------------------

@@ -114,11 +114,27 @@ def test_a_hung_step_is_killed_with_its_children_and_the_next_still_runs(tmp_pat
     assert [s["status"] for s in summary["steps"]] == ["timeout", "failed", "ok"]
 
 
+def test_sigterm_ends_the_running_steps_and_keeps_the_report(tmp_path):
+    import signal
+
+    chk = Check(_config(tmp_path))
+    r = chk.start(Step("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], max_s=300, est_s=1,
+                       min_s=1))
+    with pytest.raises(SystemExit) as e:
+        chk._interrupted(signal.SIGTERM, None)
+    assert e.value.code == 128 + signal.SIGTERM and r.proc.poll() is not None
+    assert chk.records["sleeper"]["status"] == "interrupted"
+    assert "**Stopped: interrupted by signal" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
 def test_steps_that_no_longer_fit_the_budget_are_listed_with_a_rerun_command(tmp_path):
     chk = Check(_config(tmp_path, dry_run=False, device="cuda"))
     chk.deadline = time.monotonic() + gpu_check.RESERVE_S + 10      # 10 s left
     rec = chk.run(Step("latency:omniad", [sys.executable, "-c", "pass"], max_s=300, est_s=90, min_s=40))
     assert rec["status"] == "not reached" and ">= 40 s" in rec["reason"]
+    deadline = chk.run(Step("deadline", [sys.executable, "-c", "import sys; print(sys.argv[1:])"], max_s=300,
+                            est_s=1, min_s=1, deadline_flag="--until"))   # the step is told the limit it got
+    assert deadline["status"] == "ok" and deadline["command"].endswith("--until 5")
     res = chk.summary()
     assert res["rerun"] == "python3 benchmarks/gpu_check.py --out $OUT/gpu --steps latency --models omniad"
 
@@ -166,7 +182,7 @@ def test_junit_parsing(tmp_path):
         '<testcase classname="tests.b" name="t4"><skipped message="no CUDA device"/></testcase>'
         '<testcase classname="tests.c" name="t5"><error message="fixture broke"/></testcase>'
         '</testsuite></testsuites>')
-    j = gpu_check.parse_junit(tmp_path / "j.xml")
+    j = gpu_report.parse_junit(tmp_path / "j.xml")
     assert (j["total"], j["passed"], j["skipped"]) == (5, 1, 2)
     assert j["failed"] == [{"test": "tests.a::t2", "message": "AssertionError: 2 != 3"}]
     assert j["errors"][0]["test"] == "tests.c::t5" and j["skip_reasons"] == {"no CUDA device": 2}
@@ -176,7 +192,7 @@ def test_details_drop_the_logs_before_growing_past_the_limit(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "big.log").write_bytes(os.urandom(300_000))   # incompressible
     (tmp_path / "kernels.json").write_text("{}")
-    gpu_check.pack_details(tmp_path, tmp_path / "d.tar.gz", limit=100_000)
+    gpu_report.pack_details(tmp_path, tmp_path / "d.tar.gz", limit=100_000)
     with tarfile.open(tmp_path / "d.tar.gz") as tar:
         assert tar.getnames() == ["kernels.json"]
 
