@@ -164,6 +164,10 @@ class Recording:
         vals = [m[:, ::every, ::every].ravel() for _, m in self.bands if m is not None]
         return np.concatenate(vals) if vals else np.zeros(0, np.float32)
 
+    def map_max(self) -> float:
+        """The largest recorded map value (no event at any threshold above it)."""
+        return max((float(np.max(m)) for _, m in self.bands if m is not None and m.size), default=float("-inf"))
+
 
 def record(engine: Engine, strip: Strip, config: Optional[StreamConfig] = None, rate: float = 0.0,
            lines_per_buffer: int = 64) -> Recording:
@@ -261,7 +265,8 @@ def threshold_grid(rec: Recording, n: int = 40, extra: Sequence[float] = ()) -> 
     v = v[np.isfinite(v)]
     if v.size == 0:
         return sorted(set(float(x) for x in extra))
-    lo, hi = float(np.percentile(v, 90)), float(v.max()) * (1 + 1e-6) + 1e-12
+    top = rec.map_max()
+    lo, hi = float(np.percentile(v, 90)), top + max(abs(top) * 1e-6, 1e-12)
     return sorted(set(np.linspace(lo, hi, n).tolist()) | set(float(x) for x in extra))
 
 
