@@ -50,10 +50,11 @@ def default_threshold(engine) -> float:
     return float(rt.get("pixel_threshold", engine.map_threshold))
 
 
-def evaluate_artifact(name: str, artifact, data, width: int, target: float, seed: int = 0,
+def evaluate_artifact(name: str, artifact, data, width: Optional[int], target: float, seed: int = 0,
                       line_pitch_mm: Optional[float] = None, line_rate_hz: Optional[float] = None,
                       calibrate_on=None, log=print) -> dict:
     with load_engine(artifact) as engine, tempfile.TemporaryDirectory(prefix="edge_ad_events_") as tmp:
+        width = width or int((engine.meta.get("training") or {}).get("line_width") or 256)
         strip = lay_out(mvtec_test_images(data), width, f"{tmp}/test", engine.frame_channels, seed=seed)
         log(f"[events] {name}: streaming {len(strip.placed)} test images ({strip.lines} lines at width {width})")
         rec = record(engine, strip)
@@ -75,7 +76,7 @@ def evaluate_artifact(name: str, artifact, data, width: int, target: float, seed
         if ok:
             rows["oracle"] = max(ok, key=lambda c: (c["recall"] or 0.0, -c["threshold"]))
         return {"name": name, "artifact": str(artifact), "model": engine.meta.get("model"),
-                "tile": list(rec.tile_hw), "stride": rec.summary["stride"], "rows": rows, "curve": curve,
+                "tile": list(rec.tile_hw), "stride": rec.summary["stride"], "width": width, "rows": rows, "curve": curve,
                 "training": engine.meta.get("training")}
 
 
@@ -85,18 +86,18 @@ def _pct(v) -> str:
 
 def markdown(res: dict) -> str:
     s = res["settings"]
-    lines = [f"Test split of `{s['data']}` replayed at width {s['width']} px (seed {s['seed']}): "
+    lines = [f"Test split of `{s['data']}` replayed as a line camera (seed {s['seed']}): "
              f"{res['results'][0]['rows']['default']['good_images'] if res['results'] else 0} good and "
              f"{res['results'][0]['rows']['default']['defective_images'] if res['results'] else 0} defective images; "
              f"target <= {s['target']:g} false events per 100 good images.", "",
-             "| artifact | tile | threshold | value | recall % (regions) | recall % (images) | precision % | "
+             "| artifact | width | tile | threshold | value | recall % (regions) | recall % (images) | precision % | "
              "false / 100 good | false on defective images | per type recall % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         for kind, row in r["rows"].items():
             per = ", ".join(f"{t} {_pct(v)}" for t, v in row["recall_per_type"].items())
             f100 = "-" if row["false_per_100_good"] is None else f"{row['false_per_100_good']:.1f}"
-            lines.append(f"| {r['name']} | {r['tile'][0]} | {kind} | {row['threshold']:.4g} | {_pct(row['recall'])} | "
+            lines.append(f"| {r['name']} | {r['width']} | {r['tile'][0]} | {kind} | {row['threshold']:.4g} | {_pct(row['recall'])} | "
                          f"{_pct(row['image_recall'])} | {_pct(row['precision'])} | {f100} | "
                          f"{row['false_events_defective']} | {per} |")
     lines += ["", "default = the artifact's own threshold; calibrated = lowest threshold with <= target false "
@@ -122,6 +123,7 @@ def plot(res: dict, path) -> None:
                            edgecolors="k", zorder=3)
     ax.axvline(res["settings"]["target"], color="grey", ls="--", lw=1)
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
     ax.set_xlabel("false events per 100 good images")
     ax.set_ylabel("defect recall (% of regions)")
     ax.set_title("event-level curve (o default threshold, s calibrated)", fontsize=9)
@@ -137,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", action="append", required=True, metavar="NAME=PATH",
                    help="an exported artifact (or model.pt), repeatable")
     p.add_argument("--data", required=True, help="MVTec-layout class folder (test/ and ground_truth/)")
-    p.add_argument("--width", type=int, default=256, help="camera line width the images are replayed at")
+    p.add_argument("--width", type=int, default=None,
+                   help="camera line width the images are replayed at (default: the line width a tiled model "
+                        "was trained at, else 256)")
     p.add_argument("--target-per-100-good", type=float, default=1.0)
     p.add_argument("--line-pitch-mm", type=float, default=None)
     p.add_argument("--line-rate-hz", type=float, default=None)

@@ -54,8 +54,9 @@ def _digest(state_dict) -> str:
 
 
 def checkpoint_metadata(model) -> dict:
-    """The JSON-able description of a model (also what exporters embed in artifacts)."""
-    return {
+    """The JSON-able description of a model (also what exporters embed in artifacts). "training":
+    the geometry it was trained at (models.tiles: tiles or whole images, and the scale), when known."""
+    meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model.model_name,
@@ -65,6 +66,9 @@ def checkpoint_metadata(model) -> dict:
         "class_names": list(model.class_names),
         "versions": versions(),
     }
+    if getattr(model, "training_geometry", None):
+        meta["training"] = dict(model.training_geometry)
+    return meta
 
 
 def save_checkpoint(model, path, extra: dict | None = None) -> pathlib.Path:
@@ -131,5 +135,6 @@ def load_checkpoint(path, map_location="cpu"):
                               f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
     model.score_stats = ScoreStats.from_dict(meta.get("score_stats"))
     model.class_names = list(meta.get("class_names", []))
+    model.training_geometry = meta.get("training")
     model.checkpoint_meta = meta
     return model.to(map_location).eval()

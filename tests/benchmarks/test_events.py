@@ -30,7 +30,7 @@ def test_events_benchmark_writes_rows_curve_and_plot(onnx_artifact, synthetic_cl
     assert all(a >= b - 1e-12 for a, b in zip(recalls, recalls[1:])), recalls   # higher threshold, no more recall
     assert (tmp_path / "events.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "events.md").read_text()
-    assert "| padim | 64 | default |" in md and "| padim | 64 | calibrated |" in md
+    assert "| padim | 128 | 64 | default |" in md and "| padim | 128 | 64 | calibrated |" in md
 
 
 def test_bad_data_is_one_clear_error(onnx_artifact, tmp_path, capsys):
