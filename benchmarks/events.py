@@ -123,6 +123,7 @@ def plot(res: dict, path) -> None:
                            edgecolors="k", zorder=3)
     ax.axvline(res["settings"]["target"], color="grey", ls="--", lw=1)
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
     ax.set_xlabel("false events per 100 good images")
     ax.set_ylabel("defect recall (% of regions)")
     ax.set_title("event-level curve (o default threshold, s calibrated)", fontsize=9)

@@ -164,6 +164,10 @@ class Recording:
         vals = [m[:, ::every, ::every].ravel() for _, m in self.bands if m is not None]
         return np.concatenate(vals) if vals else np.zeros(0, np.float32)
 
+    def map_max(self) -> float:
+        """The largest recorded map value (no event at any threshold above it)."""
+        return max((float(np.max(m)) for _, m in self.bands if m is not None and m.size), default=float("-inf"))
+
 
 def record(engine: Engine, strip: Strip, config: Optional[StreamConfig] = None, rate: float = 0.0,
            lines_per_buffer: int = 64) -> Recording:
@@ -193,7 +197,8 @@ def record(engine: Engine, strip: Strip, config: Optional[StreamConfig] = None, 
 
 
 def _regions(strip: Strip):
-    """Ground-truth regions: (defect type, line0, col0, mask bool (h, w)) per connected component."""
+    """Ground-truth regions sorted by first line: (defect type, line0, col0, mask bool (h, w)) per
+    connected component of each defect mask."""
     out = []
     for p in strip.placed:
         if p.mask is None or not p.mask.any():
@@ -202,25 +207,26 @@ def _regions(strip: Strip):
         for k in range(1, n):
             x, y, w, h = (int(v) for v in stats[k, :4])
             out.append((p.image.defect_type, p.line0 + y, x, labels[y:y + h, x:x + w] == k))
-    return out
-
-
-def _owner(strip: Strip, line: int) -> Placed:
-    starts = [p.line0 for p in strip.placed]
-    return strip.placed[max(0, int(np.searchsorted(starts, line, side="right")) - 1)]
+    return sorted(out, key=lambda r: r[1])
 
 
 def score_events(events: Sequence[DefectEvent], strip: Strip, line_pitch_mm: Optional[float] = None,
                  line_rate_hz: Optional[float] = None) -> Dict[str, object]:
     """Recall (overall and per defect type), event precision and false-event rates (module docstring)."""
     regions = _regions(strip)
+    y0s = np.array([r[1] for r in regions], np.int64)
+    tallest = max((r[3].shape[0] for r in regions), default=0)
+    starts = np.array([p.line0 for p in strip.placed], np.int64)
     found = [False] * len(regions)
     false_good = false_defective = hits = 0
     for e in events:
         hit = False
-        for i, (_t, y0, x0, m) in enumerate(regions):
+        # regions that can overlap the event's lines: first line in [line_start - tallest, line_end]
+        lo, hi = np.searchsorted(y0s, e.line_start - tallest), np.searchsorted(y0s, e.line_end, side="right")
+        for i in range(int(lo), int(hi)):
+            _t, y0, x0, m = regions[i]
             y1, x1 = y0 + m.shape[0] - 1, x0 + m.shape[1] - 1
-            if e.line_end < y0 or e.line_start > y1 or e.col_end < x0 or e.col_start > x1:
+            if e.line_start > y1 or e.col_end < x0 or e.col_start > x1:
                 continue
             sub = m[max(e.line_start, y0) - y0:min(e.line_end, y1) - y0 + 1,
                     max(e.col_start, x0) - x0:min(e.col_end, x1) - x0 + 1]
@@ -228,7 +234,7 @@ def score_events(events: Sequence[DefectEvent], strip: Strip, line_pitch_mm: Opt
                 found[i] = hit = True
         if hit:
             hits += 1
-        elif _owner(strip, e.peak_line).image.defect_type == GOOD:
+        elif strip.placed[max(0, int(np.searchsorted(starts, e.peak_line, side="right")) - 1)].image.defect_type == GOOD:
             false_good += 1
         else:
             false_defective += 1
@@ -261,7 +267,8 @@ def threshold_grid(rec: Recording, n: int = 40, extra: Sequence[float] = ()) -> 
     v = v[np.isfinite(v)]
     if v.size == 0:
         return sorted(set(float(x) for x in extra))
-    lo, hi = float(np.percentile(v, 90)), float(v.max()) * (1 + 1e-6) + 1e-12
+    top = rec.map_max()
+    lo, hi = float(np.percentile(v, 90)), top + max(abs(top) * 1e-6, 1e-12)
     return sorted(set(np.linspace(lo, hi, n).tolist()) | set(float(x) for x in extra))
 
 

@@ -15,8 +15,11 @@ from .base import (Buffer, CameraMeta, IndexTracker, Source, SourceDisconnected,
                    mode_param, num_param, query_params)
 
 
+_Aravis = None     # the gi.repository module, imported once
+
+
 def _require_aravis():
-    global _Aravis, _aravis_error
+    global _Aravis
     if _Aravis is not None:
         return _Aravis
     try:
@@ -25,7 +28,6 @@ def _require_aravis():
         gi.require_version("Aravis", "0.8")
         from gi.repository import Aravis
     except (ImportError, ValueError) as e:
-        _aravis_error = e
         raise SourceError("aravis:// sources need Aravis 0.8 and PyGObject: apt-get install "
                           "gir1.2-aravis-0.8 aravis-tools libgirepository1.0-dev libcairo2-dev "
                           f"pkg-config && pip install 'PyGObject<3.51'  ({e})") from None

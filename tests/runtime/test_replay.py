@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from runtime.calibrate import calibrate, lowest_threshold
-from runtime.replay import GOOD, Image, Placed, Strip, lay_out, mvtec_test_images, record, score_events
+from runtime.replay import (GOOD, Image, Placed, Strip, lay_out, mvtec_test_images, record, score_events,
+                            threshold_grid)
 from runtime.stream import run_stream
 from runtime.tiling import DefectEvent
 from tests.strip_model import TILE
@@ -79,6 +80,8 @@ def test_replayed_events_equal_the_streams_own(torch_engine, synthetic_set, tmp_
     assert [[e[k] for k in keys] for e in streamed] == [[e[k] for k in keys] for e in replayed]
     m = score_events(rec.events(thr), strip)
     assert m["recall"] > 0.5, m                  # the strip model sees the synthetic defects
+    grid = threshold_grid(rec)
+    assert rec.events(grid[-1]) == [] and rec.events(grid[0])   # the grid spans "all" to "none"
 
 
 def test_calibrated_threshold_meets_its_target_and_is_the_lowest(torch_engine, synthetic_set, tmp_path):
