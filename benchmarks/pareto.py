@@ -25,7 +25,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 if __package__ in (None, ""):   # `python benchmarks/pareto.py`: make the repo root importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))

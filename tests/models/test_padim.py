@@ -2,16 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
 from models.padim import Padim, PadimConfig
-from models.synthetic import render_sample
-
-
-def _normalise(img_u8: np.ndarray, pp) -> torch.Tensor:
-    """uint8 HWC -> the model's own normalisation (`pp` = model.preprocess)."""
-    x = torch.from_numpy(img_u8).permute(2, 0, 1).float() / 255.0
-    return (x - torch.tensor(pp.mean).view(3, 1, 1)) / torch.tensor(pp.std).view(3, 1, 1)
+from tests.models.synthetic_defects import synthetic_defect_aurocs
 
 
 def _numpy_reference(train_feats: np.ndarray, test_feats: np.ndarray, eps: float) -> np.ndarray:
@@ -70,23 +63,10 @@ def test_config_errors_name_the_field():
 
 @pytest.mark.parametrize("kind", ["texture", "object"])
 def test_separates_synthetic_defects(kind):
-    size = 96
-    model = Padim(PadimConfig(input_size=size), pretrained=True).eval()   # offline lite0 weights
-    rng = np.random.default_rng(1)
-    pp = model.preprocess
-    train = torch.stack([_normalise(render_sample(kind, size, rng)[0], pp) for _ in range(24)])
-    model.prepare([train[:12], train[12:]])
-    good = [render_sample(kind, size, rng)[0] for _ in range(8)]
-    bad = [render_sample(kind, size, rng, defect=d) for d in ("scratch", "hole", "stain", "color") * 2]
-    x = torch.stack([_normalise(g, pp) for g in good] + [_normalise(b[0], pp) for b in bad])
-    with torch.no_grad():
-        amap, score = model(x)
-    labels = np.r_[np.zeros(8), np.ones(8)]
-    auroc = roc_auc_score(labels, score.numpy())
-    assert auroc >= 0.9, f"image AUROC {auroc:.3f} on {kind}"
-    masks = np.stack([b[1] for b in bad]).ravel()
-    pix = roc_auc_score(masks, amap[8:, 0].numpy().ravel())
-    assert pix >= 0.8, f"pixel AUROC {pix:.3f} on {kind}"
+    model = Padim(PadimConfig(input_size=96), pretrained=True).eval()   # offline lite0 weights
+    image, pixel = synthetic_defect_aurocs(model, kind, 96)
+    assert image >= 0.9, f"image AUROC {image:.3f} on {kind}"
+    assert pixel >= 0.8, f"pixel AUROC {pixel:.3f} on {kind}"
 
 
 def test_onnx_export_equals_pytorch(tmp_path):

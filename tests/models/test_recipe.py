@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import models
-from models import dvad as D
 from models import layers as L
 from models.train import TrainError, lr_factor
 
