@@ -179,6 +179,7 @@ def plot(res: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     metric = res["metric"]
     rows = [r for r in res["rows"] if r["status"] == "ok" and r.get(metric) is not None]
@@ -192,6 +193,11 @@ def plot(res: dict, path) -> None:
     if len(front) > 1:
         ax.plot([p[0] for p in front], [p[1] for p in front], color="grey", lw=1, ls="--", zorder=1)
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    lo, hi = ax.get_xlim()
+    if hi / lo < 10:    # less than a decade: label the minor ticks too (else the axis has one number)
+        ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel(f"ONNX Runtime CPU latency at batch 1, median ms ({res['ort_threads']} thread(s))")
     ax.set_ylabel(f"{_HEAD[metric]} (%), test split")
     ax.set_title(f"accuracy vs latency (o Pareto front); load {res['loadavg_start'][0]:.1f}", fontsize=9)
