@@ -14,6 +14,10 @@ import numpy as np
 from .base import (Buffer, CameraMeta, Source, SourceDisconnected, SourceError, IndexTracker, format_param, mode_param, num_param, query_params)
 
 
+_Aravis = None          # the gi.repository.Aravis module once imported (slow import: on first use)
+_aravis_error = None
+
+
 def _require_aravis():
     global _Aravis, _aravis_error
     if _Aravis is not None:

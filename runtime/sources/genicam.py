@@ -142,10 +142,3 @@ class GenICamSource(Source):
 
     def _index(self, number: int) -> int:
         return number * self.meta.height if self.meta.kind == "line" else number
-
-
-# ------------------------------------------------------------------------------------------
-# Aravis (GigE Vision / USB3 Vision); tests use its fake GigE camera on 127.0.0.1
-# ------------------------------------------------------------------------------------------
-_Aravis = None
-_aravis_error = None
