@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-DROP_REASONS = ("camera_drop", "reconnect_gap", "corrupt", "overload", "engine_error", "shutdown")
+DROP_REASONS = ("camera_drop", "reconnect_gap", "corrupt", "overload", "late", "engine_error", "shutdown")
 
 
 class Latencies:
@@ -62,6 +62,7 @@ class Stats:
         self.engine_time_s = 0.0
         self.reconnects = 0
         self.corrupt_buffers = 0
+        self.late_after_inference = 0     # lines counted `late` after their band was inferred
         self.latency = Latencies()        # capture of a band's newest line -> verdict
         self.age = Latencies(seed=1)      # capture of a band's oldest owned line -> verdict
         self.t_start = time.monotonic()
