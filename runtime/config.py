@@ -29,7 +29,7 @@ class StreamConfig:
     max_batch: int = 16                   # tiles per inference call
     max_wait_ms: float = 5.0              # wait this long for a fuller batch
     overload: str = "drop-oldest"         # or "block" (applies to live sources; recordings always wait)
-    capture_queue: int = 64               # buffers
+    capture_queue: int = 64               # buffers of >= 64 lines (smaller buffers get more slots: capture_slots)
     infer_queue: int = 16                 # bands
     post_queue: int = 64                  # results
     pixel_threshold: Optional[float] = None  # None = the artifact's runtime section, else score_stats.map_threshold
@@ -104,6 +104,18 @@ def check_compatible(engine: Engine, camera: CameraMeta, tile_hw) -> None:
                           f"--tile {tile_hw[0]}x{tile_hw[1]} does not match (omit --tile or export for that size)")
 
 
+SLOT_LINES = 64   # capture_queue counts buffers of this many lines (or more)
+
+
+def capture_slots(cfg: StreamConfig, cam: CameraMeta) -> int:
+    """Capture queue length in buffers: `capture_queue` buffers, but never fewer lines than
+    capture_queue x SLOT_LINES for a line camera, so 1-line buffers get the same slack in time
+    (and memory) as 64-line ones."""
+    if cam.kind != "line" or cam.height >= SLOT_LINES:
+        return cfg.capture_queue
+    return -(-cfg.capture_queue * SLOT_LINES // max(1, cam.height))
+
+
 def buffer_memory(cfg: StreamConfig, cam: CameraMeta, tile_hw: Tuple[int, int], stride_w: int,
                   ring_rows: int, max_batch: int) -> List[Tuple[str, int]]:
     """(what, bytes) of the buffers a stream holds at most: its queues full, the line ring, a
@@ -112,7 +124,8 @@ def buffer_memory(cfg: StreamConfig, cam: CameraMeta, tile_hw: Tuple[int, int], 
     ch = cam.channels
     row = cam.width * ch
     tiles = len(tile_starts(cam.width, tw, stride_w)) * th * tw
-    return [(f"capture queue ({cfg.capture_queue} buffers)", cfg.capture_queue * cam.height * row),
+    slots = capture_slots(cfg, cam)
+    return [(f"capture queue ({slots} buffers)", slots * cam.height * row),
             (f"line ring ({ring_rows} lines)", ring_rows * row),
             (f"inference queue ({cfg.infer_queue} bands)", cfg.infer_queue * tiles * ch),
             (f"results queue ({cfg.post_queue} bands with maps)", cfg.post_queue * tiles * (ch + 4)),

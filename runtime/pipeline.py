@@ -45,7 +45,7 @@ from deploy import Engine, EngineError
 
 from .accounting import Latencies, Stats
 from .batching import BandBatcher
-from .config import StreamConfig, check_compatible, check_memory
+from .config import StreamConfig, capture_slots, check_compatible, check_memory
 from .sources import Buffer, Source, SourceDisconnected, SourceError
 from .tiling import Band, LineAssembler, RollingRows, StripStitcher
 
@@ -118,7 +118,7 @@ class Pipeline:
         self.stitcher = StripStitcher(cam.width, th, tw, self.pixel_threshold, cfg.min_area,
                                       cfg.line_pitch_mm, cfg.pixel_pitch_mm, keep_rows=cfg.preview_rows)
         self.preview = RollingRows(cfg.preview_rows, cam.width, cam.channels)
-        self.q_cap: queue.Queue = queue.Queue(cfg.capture_queue)
+        self.q_cap: queue.Queue = queue.Queue(capture_slots(cfg, cam))
         self.q_inf: queue.Queue = queue.Queue(cfg.infer_queue)
         self.q_post: queue.Queue = queue.Queue(cfg.post_queue)
         self._inflight_bands: Dict[int, Band] = {}     # taken by the inference thread, not yet posted
@@ -336,7 +336,7 @@ class Pipeline:
             if not self._put(self.q_post, ("dropped", old, "overload")):
                 self.stats.drop("overload", old.owned)
 
-        ok = self._put(self.q_inf, band, evict)
+        ok = self._put(self.q_inf, band, evict if self.live else None)
         if not ok:
             self.stats.drop("shutdown", band.owned)
         return ok

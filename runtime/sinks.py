@@ -176,6 +176,8 @@ class _Lane:
         self.q: queue.Queue = queue.Queue(max(1, int(sink.queue_size)))
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.last_error: Optional[str] = None
+        self.busy = False          # a write is in progress
+        self.stop_counting = False  # set at close when the write in progress was counted abandoned
         self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
 
     def offer(self, rec: dict) -> None:
@@ -190,20 +192,25 @@ class _Lane:
                 rec = self.q.get(timeout=0.05)
             except queue.Empty:
                 continue
+            self.busy = True
             self._write(rec)
+            self.busy = False
 
     def _write(self, rec: dict) -> None:
         sink = self.sink
         for attempt in range(sink.retries + 1):
             try:
                 sink.write(rec)
-                self.counts["written"] += 1
+                if not self.stop_counting:
+                    self.counts["written"] += 1
                 return
             except Exception as e:   # a failing sink is counted and retried; it never stops others
                 self.last_error = f"{type(e).__name__}: {e}"
                 if attempt == sink.retries or self.stop.wait(sink.backoff_s * 2 ** attempt):
                     break
                 self.counts["retries"] += 1
+        if self.stop_counting:     # already counted as abandoned at close
+            return
         if self.counts["failed"] == 0 or self.counts["failed"] % 100 == 0:   # not one line per event
             log.warning("sink %s: write failed (%s)", sink.name, self.last_error)
         self.counts["failed"] += 1
@@ -302,6 +309,8 @@ class SinkRunner:
                     break
                 lane.counts["abandoned"] += 1
             if lane.thread.is_alive():   # stuck in a write (a peer that never answers): leave it
+                lane.counts["abandoned"] += lane.busy
+                lane.stop_counting = True
                 log.warning("sink %s still busy at close; %d records abandoned", lane.sink.name,
                             lane.counts["abandoned"])
                 continue

@@ -62,8 +62,11 @@ class AravisSource(Source):
         self.p = p
         self.pixel_format = format_param(p, uri, "Mono8")
         self.mode = mode_param(p, uri, "line")
-        self.timeout = num_param(p, "timeout", uri, 2.0, float, 0.01)
-        self.n_buffers = num_param(p, "buffers", uri, 16, int, 2)
+        self.timeout = num_param(p, "timeout", uri, 2.0, float, 0.01, 60.0)
+        self.n_buffers = num_param(p, "buffers", uri, 16, int, 2, 4096)
+        for key, lo in (("width", 1), ("height", 1), ("x", 0), ("y", 0)):   # checked before any device I/O
+            num_param(p, key, uri, 0, int, lo)
+        self.rate = num_param(p, "rate", uri, 0.0, float, 0.0, 1e8)
         _require_aravis()
         self._cam = self._stream = None
         self._tracker = IndexTracker()
@@ -89,7 +92,7 @@ class AravisSource(Source):
             h = num_param(p, "height", uri, 64 if self.mode == "line" and "height" not in p else h, int, 1)
             cam.set_region(num_param(p, "x", uri, 0, int, 0), num_param(p, "y", uri, 0, int, 0), w, h)
             _, _, w, h = cam.get_region()
-            rate = num_param(p, "rate", uri, 0.0, float, 0.0)
+            rate = self.rate
             if rate:
                 # line mode: rate is the line rate; the fake camera paces frames
                 cam.set_frame_rate(rate / h if self.mode == "line" else rate)
