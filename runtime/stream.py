@@ -33,7 +33,11 @@ from .sources import SourceError, open_source
 
 
 class StreamError(ValueError):
-    """A user error that stops the stream at start (bad URI, missing engine, mismatch)."""
+    """A user error that stops the stream at start (bad URI, missing engine, mismatch); its message
+    is one line (line breaks in quoted user input are escaped)."""
+
+    def __init__(self, message):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def prepare_out_dir(out_dir) -> Optional[pathlib.Path]:
@@ -278,7 +282,7 @@ def main(argv=None) -> int:
                              stop_event=stop, threads=args.threads, device=args.device,
                              buffers=args.buffers, allow_rejected=args.allow_rejected)
     except (StreamError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {StreamError(e)}", file=sys.stderr)
         return 2
     except OSError as e:      # e.g. the disk filled up while writing the summary
         print(f"error: {getattr(e, 'filename', None) or ''}: {e.strerror or e}", file=sys.stderr)
