@@ -104,10 +104,10 @@ def main(argv=None) -> int:
             print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     res = {"engine": cap_s["engine"], "source": kind, "width": a.width, "lines_per_buffer": a.lines,
            "capacity_lines_per_s": capacity, "seconds": a.seconds, "rows": rows, "load_average": os.getloadavg()}
-    print(markdown(rows))
-    print(json.dumps(res, indent=2, default=str))
+    text = json.dumps(res, indent=2, default=str)
+    print(markdown(rows) + "\n" + text)
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(res, indent=2, default=str))
+        pathlib.Path(a.json).write_text(text)
     return 0
 
 

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from benchmarks.soak import SilentPeer
 from runtime.pipeline import Pipeline, StreamConfig
 from runtime.sinks import MetricsServer, Sink, SinkRunner, WebhookSink
 from runtime.sources import SourceDisconnected, SourceError, open_source
@@ -35,36 +36,10 @@ def _run(engine, uri, duration=None, **cfg):
     return pipe.finish(), src
 
 
-class DeadPeer:
-    """A loopback server that accepts connections and never answers (a hung webhook / broker)."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self._stop:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-
-    def close(self):
-        self._stop = True
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def dead_peer():
-    peer = DeadPeer()
+    """A loopback server that accepts connections and never answers (a hung webhook)."""
+    peer = SilentPeer()
     yield peer
     peer.close()
 
@@ -434,25 +409,6 @@ def test_image_folder_is_not_live_and_loses_nothing_to_a_slow_engine(torch_engin
                   capture_queue=2, infer_queue=2)
     _check(s)
     assert not s["source_live"] and s["lines_dropped"] == 0 and s["lines_scored"] == 30 * 70
-
-
-def test_video_file_plays_at_its_frame_rate(tmp_path):
-    path = tmp_path / "clip.avi"
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 20, (48, 32))
-    if not w.isOpened():
-        pytest.skip("this OpenCV build cannot write MJPG video")
-    for i in range(8):
-        w.write(np.full((32, 48, 3), 30 * i, np.uint8))
-    w.release()
-    src = open_source(str(path))
-    with src:
-        t0 = time.monotonic()
-        n = sum(1 for _ in src)
-        dt = time.monotonic() - t0
-    assert n == 8 and src.live and dt >= 7 / 20 * 0.9        # 8 frames at 20 fps: >= 0.35 s
-    fast = open_source(f"{path}?rate=0")
-    with fast:
-        assert sum(1 for _ in fast) == 8 and not fast.live
 
 
 def test_disconnect_fires_even_when_a_late_reader_skips_its_line():

@@ -92,18 +92,39 @@ def test_image_folder_frames_equal_the_files(tmp_path):
     np.testing.assert_array_equal(gray[1].data, cv2.cvtColor(imgs[1], cv2.COLOR_RGB2GRAY))
 
 
-def test_video_file_frames(tmp_path):
-    path = tmp_path / "clip.avi"
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 32))
+def _clip(path, fps, n, step):
+    """An MJPG clip of n flat frames (value step * i); skips where OpenCV cannot write one."""
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (48, 32))
     if not w.isOpened():
         pytest.skip("this OpenCV build cannot write MJPG video")
-    for i in range(5):
-        w.write(np.full((32, 48, 3), 40 * i, np.uint8))
+    for i in range(n):
+        w.write(np.full((32, 48, 3), step * i, np.uint8))
     w.release()
-    bufs = _collect(open_source(str(path)))
+    return path
+
+
+def test_video_file_frames(tmp_path):
+    path = _clip(tmp_path / "clip.avi", 10, 5, 40)
+    bufs = _collect(open_source(f"{path}?rate=0"))
     assert len(bufs) == 5
     means = [float(b.data.mean()) for b in bufs]
     assert all(abs(m - 40 * i) < 4 for i, m in enumerate(means))
+
+
+def test_video_file_plays_at_its_frame_rate(tmp_path):
+    """Issue 16: a recording replayed unpaced was mostly dropped under drop-oldest; it now plays at
+    its own frame rate (live, like the camera that recorded it), or as fast as taken with rate=0
+    (not live: the stream waits for it)."""
+    path = _clip(tmp_path / "clip.avi", 20, 8, 30)
+    src = open_source(str(path))
+    with src:
+        t0 = time.monotonic()
+        n = sum(1 for _ in src)
+        dt = time.monotonic() - t0
+    assert n == 8 and src.live and dt >= 7 / 20 * 0.9        # 8 frames at 20 fps: >= 0.35 s
+    fast = open_source(f"{path}?rate=0")
+    with fast:
+        assert sum(1 for _ in fast) == 8 and not fast.live
 
 
 # ------------------------------------------------------------------------------------------
