@@ -31,6 +31,16 @@ from torch import nn
 from .contract import LUMA_RGB, output_names
 
 
+def default_frame_hw(model) -> Tuple[int, int]:
+    """The frames an artifact of `model` takes unless told otherwise: the tiles it was trained on
+    (models.tiles: the stream then cuts tiles at the training scale), else its input size."""
+    geo = getattr(model, "training_geometry", None) or {}
+    if geo.get("mode") == "tiles":
+        return int(geo["tile"]), int(geo["tile"])
+    size = int(model.preprocess.input_size)
+    return size, size
+
+
 def _check_hw(frame_hw) -> Tuple[int, int]:
     try:
         h, w = (int(v) for v in frame_hw)
@@ -50,7 +60,7 @@ class DeployModule(nn.Module):
         pp = model.preprocess
         self.model = model
         self.input_size = int(pp.input_size)
-        self.frame_hw = _check_hw(frame_hw if frame_hw is not None else (pp.input_size, pp.input_size))
+        self.frame_hw = _check_hw(frame_hw if frame_hw is not None else default_frame_hw(model))
         if frame_channels not in (1, 3):
             raise ValueError(f"frame_channels: expected 1 (gray) or 3 (RGB), got {frame_channels!r}")
         self.frame_channels = int(frame_channels)

@@ -16,7 +16,7 @@ import torch
 
 from .contract import OUTPUT_NAMES, output_names
 from .engine import Engine, EngineError, export_info, read_engine_metadata
-from .graph import DeployModule
+from .graph import DeployModule, default_frame_hw
 
 
 def _to_device(frames: np.ndarray, device: str) -> torch.Tensor:
@@ -90,8 +90,7 @@ class TorchEngine(Engine):
         if precision == "fp16" and not str(device).startswith("cuda"):
             raise EngineError(f"{path}: fp16 runs on CUDA only (CPU fp16 kernels are emulated and not a "
                               "deployment path)")
-        size = int(model.preprocess.input_size)
-        hw = tuple(frame_hw) if frame_hw is not None else (size, size)
+        hw = tuple(frame_hw) if frame_hw is not None else default_frame_hw(model)
         meta["export"] = {"format": "checkpoint", "frame_hw": list(hw), "frame_channels": int(frame_channels),
                           "batch": None, "outputs": list(output_names(full_res_map))}
         super().__init__(path, meta, hw, frame_channels, None)

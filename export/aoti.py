@@ -29,7 +29,7 @@ import torch
 
 from deploy.artifacts import write_sidecar
 from deploy.contract import META_KEY
-from deploy.graph import DeployModule
+from deploy.graph import DeployModule, default_frame_hw
 
 from ._common import ExportError, Steps, build_metadata, first_line, load_model, resolve_out
 from .formats import validate_args
@@ -82,7 +82,7 @@ def export_aoti(ckpt, out=None, *, frame_hw=None, frame_channels: Optional[int] 
         with steps.step("load"):
             model = load_model(ckpt).to(dev)
             pp = model.preprocess
-            hw = a["frame_hw"] or (pp.input_size, pp.input_size)
+            hw = a["frame_hw"] or default_frame_hw(model)
             ch = a["frame_channels"] or pp.channels
             dm = DeployModule(model, frame_hw=hw, frame_channels=ch, full_res_map=bool(full_res_map)).to(dev).eval()
             example = dm.example_frames(2).to(dev)

@@ -221,7 +221,7 @@ def validate_args(format_name: str, **kwargs) -> Dict[str, Any]:
 _HELP = {
     "ckpt": "checkpoint (model.pt) to export",
     "out": "output folder (created; default: export_out)",
-    "frame_hw": "camera frame size HxW fed to the graph (default: the model input size)",
+    "frame_hw": "camera frame size HxW fed to the graph (default: the training tile, else the model input size)",
     "frame_channels": "1 = gray frames, 3 = RGB frames (default: the model's channels)",
     "full_res_map": "also output the anomaly map resized to the frame size (anomaly_map_full)",
     "check": "run the parity gate after export (default on; --no-check skips it)",

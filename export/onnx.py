@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from deploy.artifacts import embed_onnx_metadata, write_sidecar
-from deploy.graph import DeployModule
+from deploy.graph import DeployModule, default_frame_hw
 from kernels.onnx_plugin import count_plugin_nodes
 
 from ._common import ExportError, Steps, build_metadata, first_line, load_model, resolve_out, scan_lowering
@@ -153,7 +153,7 @@ def export_onnx(ckpt, out=None, *, batch="dynamic", opset: Optional[int] = None,
         with steps.step("load"):
             model = load_model(ckpt)
             pp = model.preprocess
-            hw = a["frame_hw"] or (pp.input_size, pp.input_size)
+            hw = a["frame_hw"] or default_frame_hw(model)
             ch = a["frame_channels"] or pp.channels
             opset_v = a["opset"] or DEFAULT_OPSET
             bsz = a["batch"] or "dynamic"

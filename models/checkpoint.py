@@ -63,8 +63,9 @@ def _digest(state_dict) -> str:
 
 
 def checkpoint_metadata(model) -> dict:
-    """The JSON-able description of a model (also what exporters embed in artifacts)."""
-    return {
+    """The JSON-able description of a model (also what exporters embed in artifacts). "training":
+    the geometry it was trained at (models.tiles: tiles or whole images, and the scale), when known."""
+    meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model.model_name,
@@ -74,6 +75,9 @@ def checkpoint_metadata(model) -> dict:
         "class_names": list(model.class_names),
         "versions": versions(),
     }
+    if getattr(model, "training_geometry", None):
+        meta["training"] = dict(model.training_geometry)
+    return meta
 
 
 def save_checkpoint(model, path, extra: dict | None = None) -> pathlib.Path:
@@ -205,6 +209,7 @@ def load_checkpoint(path, map_location="cpu"):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: field score_stats: {e}") from None
     model.class_names = list(meta.get("class_names", []))
+    model.training_geometry = meta.get("training")
     model.checkpoint_meta = meta
     model.checkpoint_hashes = hashes
     return model.to(map_location).eval()

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from .base import ScoreStats
 from .checkpoint import save_checkpoint
 from .registry import create_model, get_model_class, list_models
+from .tiles import StripTiles, median_width, whole_image_geometry
 
 STATE_FORMAT = "edge-ad-train-state"
 
@@ -244,12 +245,29 @@ def _feature_cache(model, dataset, batch_size, workers, budget_bytes, device, pr
     return per_scale, torch.cat(cids).to(device)
 
 
+def _tile_datasets(train_ds, val_ds, pp, tile, stride, line_width, tiles_per_image, seed, log):
+    """models.tiles datasets over the same train / held-out split as the whole-image ones."""
+    if tile < 8 or (stride is not None and not 1 <= stride <= tile) or tiles_per_image < 1:
+        raise TrainError(f"--tile {tile} must be >= 8, --tile-stride in [1, tile] (got {stride}), "
+                         f"--tiles-per-image >= 1 (got {tiles_per_image})")
+    stride = int(stride or max(1, tile - tile // 4))        # runtime.stream's default overlap
+    if line_width is None:
+        line_width = median_width(train_ds.samples, pp.channels)
+        log(f"--line-width not given: strips at the training images' median width, {line_width} px")
+    kw = dict(tile=int(tile), line_width=int(line_width), input_size=pp.input_size, channels=pp.channels,
+              mean=pp.mean, std=pp.std, seed=seed, class_names=train_ds.class_names)
+    tr = StripTiles(train_ds.samples, n_random=tiles_per_image * len(train_ds), **kw)
+    return tr, StripTiles(val_ds.samples, stride=stride, **kw)
+
+
 def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, batch_size: int = 8,
           lr: Optional[float] = None, workers: int = 0, seed: int = 0, resume: bool = False,
           config: Optional[Dict[str, Any]] = None, preset: Optional[str] = None,
           val_fraction: float = 0.1, far: float = 0.01, val_data=None, device: str = "cpu",
-          cache_gb: float = 2.0, progress: bool = True, log=None):
-    """Train, calibrate and (if `out`) save. Returns (model, summary dict)."""
+          cache_gb: float = 2.0, progress: bool = True, log=None, tile: Optional[int] = None,
+          tile_stride: Optional[int] = None, line_width: Optional[int] = None, tiles_per_image: int = 4):
+    """Train, calibrate and (if `out`) save. Returns (model, summary dict). `tile`: train on tiles of
+    the strip a camera of `line_width` pixels delivers (models.tiles) instead of whole images."""
     from .data import AnomalyDataset, make_datasets, scan_mvtec
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -259,12 +277,25 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
         raise TrainError(f"--epochs must be >= 0 and --batch-size >= 1 (got {epochs}, {batch_size})")
     seed_everything(seed)
     _, names = scan_mvtec(data, classes, "train")
-    cfg = build_config_dict(model, dict(config or {}), preset, num_classes=len(names))
+    config = dict(config or {})
+    if tile is not None:
+        if val_data is not None:
+            raise TrainError("--val-data calibrates whole images; with --tile calibrate the event threshold on "
+                             "the stream's tiles instead (python -m runtime.calibrate)")
+        config.setdefault("input_size", int(tile))      # native scale unless asked otherwise
+    cfg = build_config_dict(model, config, preset, num_classes=len(names))
     net = create_model(model, **cfg).to(device)
     net.class_names = list(names)
     pp = net.preprocess
     train_ds, val_ds, _, names = make_datasets(data, classes, pp, val_fraction, seed, require_test=False)
-    log(f"{model}: {len(train_ds)} training / {len(val_ds)} held-out normal images, classes {names}")
+    if tile is not None:
+        train_ds, val_ds = _tile_datasets(train_ds, val_ds, pp, tile, tile_stride, line_width, tiles_per_image,
+                                          seed, log)
+        net.training_geometry = train_ds.geometry(val_ds.stride)
+    else:
+        net.training_geometry = whole_image_geometry(train_ds.samples, pp.input_size, pp.channels)
+    log(f"{model}: {len(train_ds)} training / {len(val_ds)} held-out normal {'tiles' if tile else 'images'}, "
+        f"classes {names}")
 
     summary: Dict[str, Any] = dict(model=model, config=cfg, classes=list(names), epochs=epochs,
                                    train_images=len(train_ds), val_images=len(val_ds),
@@ -370,7 +401,7 @@ def train(data, classes=None, model: str = "dvad", epochs: int = 10, out=None, b
         final_loss=history[-1] if history else None, loss_history=history,
         train_time_s=train_time, cache_time_s=t_cache, images_seen=images_seen,
         images_per_s=images_seen / train_time if train_time > 0 else None,
-        score_stats=net.score_stats.to_dict(),
+        score_stats=net.score_stats.to_dict(), training=net.training_geometry,
         trainable_parameters=sum(p.numel() for p in params),
         total_parameters=sum(p.numel() for p in net.parameters()))
     if out:
@@ -402,6 +433,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-gb", type=float, default=2.0, help="memory budget for cached encoder features")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--tile", type=int, default=None,
+                    help="train on TILE x TILE crops of the strip the stream will see (models.tiles); the model "
+                         "input defaults to TILE (native scale) and exports take TILE x TILE frames")
+    ap.add_argument("--tile-stride", type=int, default=None, help="held-out tiles' stride (default 3/4 tile)")
+    ap.add_argument("--line-width", type=int, default=None,
+                    help="camera width the images are laid out at (default: their median width)")
+    ap.add_argument("--tiles-per-image", type=int, default=4, help="random training crops per training image")
     ap.add_argument("--summary", default=None, help="write the summary JSON here")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
@@ -412,7 +450,8 @@ def main(argv=None) -> int:
     try:
         _, summary = train(a.data, a.classes, a.model, a.epochs, a.out, a.batch_size, a.lr, a.workers,
                            a.seed, a.resume, parse_config_overrides(a.config), a.preset, a.val_fraction,
-                           a.far, a.val_data, a.device, a.cache_gb, progress=not a.no_progress)
+                           a.far, a.val_data, a.device, a.cache_gb, progress=not a.no_progress, tile=a.tile,
+                           tile_stride=a.tile_stride, line_width=a.line_width, tiles_per_image=a.tiles_per_image)
     except (TrainError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -90,6 +90,26 @@ def _num(cfg, name, lo=None, hi=None, optional=False, open_lo=False) -> None:
     setattr(cfg, name, float(v))
 
 
+def scale_mismatch(meta: dict, tile_hw, tolerance: float = 0.15) -> Optional[str]:
+    """A warning when the tiles the stream cuts show the model parts at another scale than it was
+    trained at (metadata "training", models.tiles), else None. Scale = model input pixels per
+    strip pixel: input_size / tile for the stream."""
+    geo = meta.get("training") or {}
+    size = (meta.get("preprocess") or {}).get("input_size")
+    if not geo.get("scale") or not size:
+        return None
+    trained, streamed = float(geo["scale"]), float(size) / float(tile_hw[0])
+    if abs(streamed / trained - 1.0) <= tolerance:
+        return None
+    how = (f"on {geo['tile']} px tiles of a {geo.get('line_width')} px wide strip" if geo.get("mode") == "tiles"
+           else f"on whole images (median {geo.get('native_median_hw')}) resized to {size} px")
+    fix = (f"cut {geo['tile']} px tiles (export with --frame-size {geo['tile']}x{geo['tile']})"
+           if geo.get("mode") == "tiles" else "train with models.train --tile on the stream's tiles")
+    return (f"scale mismatch: the model was trained {how}, i.e. {trained:.2f} model px per strip px; this stream "
+            f"cuts {tile_hw[0]} px tiles, {streamed:.2f} model px per strip px: parts look {streamed / trained:.2f}x "
+            f"the size the model learned; {fix}")
+
+
 def check_compatible(engine: Engine, camera: CameraMeta, tile_hw) -> None:
     """Fail at start, with one message, when engine and camera cannot work together."""
     eng_fmt = engine.pixel_format

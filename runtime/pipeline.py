@@ -45,7 +45,7 @@ from deploy import Engine, EngineError
 
 from .accounting import Latencies, Stats
 from .batching import BandBatcher
-from .config import StreamConfig, capture_slots, check_compatible, check_memory
+from .config import StreamConfig, capture_slots, check_compatible, check_memory, scale_mismatch
 from .sources import Buffer, Source, SourceDisconnected, SourceError
 from .tiling import Band, LineAssembler, RollingRows, StripStitcher
 
@@ -54,11 +54,15 @@ log = logging.getLogger("runtime.pipeline")
 _POLL = 0.05   # seconds: every blocking queue call uses this timeout
 _JOIN_S = 2.0  # after the drain (or hard stop), how long finish() waits for the stage threads
 
-__all__ = ["Pipeline", "StreamConfig", "check_compatible"]
+__all__ = ["Pipeline", "StreamConfig", "check_compatible", "scale_mismatch"]
 
 
 class Pipeline:
-    """Run a source through an engine. `start()`, then `wait()` or `stop()`; `summary()`."""
+    """Run a source through an engine. `start()`, then `wait()` or `stop()`; `summary()`.
+
+    `on_band(band, rec)` is called from the postprocess thread for every band, in order, right
+    after the stitcher took it: `rec` holds the band's tile maps and scores ({"maps", "norm",
+    "score"}), or is None for a band that was dropped or only marks the end of a segment."""
 
     def __init__(self, engine: Engine, source: Source, config: StreamConfig = None,
                  sinks=None, on_band: Optional[Callable] = None):
@@ -103,6 +107,9 @@ class Pipeline:
         if sh > th or sw > tw:
             raise EngineError(f"--stride {sh} is larger than the tile ({th}); tiles would leave gaps")
         self.tile_hw, self.stride_hw = (th, tw), (sh, sw)
+        self.scale_warning = scale_mismatch(eng.meta, self.tile_hw)
+        if self.scale_warning:
+            log.warning("%s", self.scale_warning)
         # never build batches larger than the engine was built for
         self.max_batch = min(cfg.max_batch, getattr(eng, "max_batch", None) or cfg.max_batch)
         self.area = cam.kind == "area"
@@ -456,14 +463,14 @@ class Pipeline:
             st.age.add((now - band.t_first_ns) / 1e6)
             self._write_preview(band)
             events = self.stitcher.add_band(band, rec["maps"])
-            if self.on_band is not None:
-                self.on_band(band, rec)
         else:
             if kind == "dropped":
                 st.drop(payload, band.owned)
             if band.tiles is not None:
                 self._write_preview(band)
             events = self.stitcher.add_band(band, None)
+        if self.on_band is not None:   # every band, in the order the stitcher saw it
+            self.on_band(band, payload if kind == "scored" else None)
         for ev in events:
             self._emit_event(ev)
         if self.sinks is not None and kind == "scored":
@@ -586,6 +593,7 @@ class Pipeline:
         d["pixel_threshold"] = self.pixel_threshold
         d["image_threshold"] = self.image_threshold
         d["threshold_source"] = self.threshold_source
+        d["scale_warning"] = self.scale_warning
         d["config"] = {k: v for k, v in asdict(self.cfg).items()}
         d["error"] = None if self.error is None else f"{type(self.error).__name__}: {self.error}"
         d["hard_stopped"] = self.hard_stop.is_set()

@@ -28,8 +28,8 @@ from typing import Callable, Dict
 from urllib.parse import urlsplit
 
 from .aravis import AravisSource
-from .base import (IMAGE_SUFFIXES, VIDEO_SUFFIXES, Buffer, CameraMeta, Source, SourceDisconnected, SourceError,
-                   to_format)
+from .base import (Buffer, CameraMeta, IMAGE_SUFFIXES, Source, SourceDisconnected, SourceError,
+                   VIDEO_SUFFIXES, to_format)
 from .genicam import GenICamSource, genicam_simulator_cti
 from .linesim import InjectedDefect, LineSimSource
 from .opencv import OpenCVSource

@@ -11,15 +11,15 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .base import (Buffer, CameraMeta, Source, SourceDisconnected, SourceError, IndexTracker, format_param, mode_param, num_param, query_params)
+from .base import (Buffer, CameraMeta, IndexTracker, Source, SourceDisconnected, SourceError, format_param,
+                   mode_param, num_param, query_params)
 
 
-_Aravis = None          # the gi.repository.Aravis module once imported (slow import: on first use)
-_aravis_error = None
+_Aravis = None     # the gi.repository module, imported once
 
 
 def _require_aravis():
-    global _Aravis, _aravis_error
+    global _Aravis
     if _Aravis is not None:
         return _Aravis
     try:
@@ -28,7 +28,6 @@ def _require_aravis():
         gi.require_version("Aravis", "0.8")
         from gi.repository import Aravis
     except (ImportError, ValueError) as e:
-        _aravis_error = e
         raise SourceError("aravis:// sources need Aravis 0.8 and PyGObject: apt-get install "
                           "gir1.2-aravis-0.8 aravis-tools libgirepository1.0-dev libcairo2-dev "
                           f"pkg-config && pip install 'PyGObject<3.51'  ({e})") from None

@@ -3,6 +3,12 @@ drops, corrupt buffers, stalls, disconnects), paced at a line rate or as fast as
 
   linesim://?width=4096&rate=20000&lines=64&images=DIR&defects=L:C:R;...&drop=P&corrupt=P
             &stall=LINE:SECONDS&disconnect=LINE[,LINE]&total=N&format=Mono8|RGB8&seed=0&kind=texture
+            &once=1&max_mb=2048
+
+images=DIR replays every image of the folder (sorted by path), each resized to the camera width,
+one after another; the strip then starts over unless once=1 ends it after one pass (so a labelled
+folder is replayed exactly once). The decoded strip is held in memory: a folder whose strip would
+exceed max_mb (MB, default 2048) is refused with its size, never silently cut short.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from urllib.parse import unquote, urlsplit
 import cv2
 import numpy as np
 
-from .base import (Buffer, CameraMeta, Source, SourceDisconnected, SourceError, check_fits, format_param, num_param, prob_param, query_params, image_files, read_image, to_format, IMAGE_SUFFIXES)
+from .base import (Buffer, CameraMeta, IMAGE_SUFFIXES, Source, SourceDisconnected, SourceError, check_fits,
+                   format_param, image_files, num_param, prob_param, query_params, read_image, to_format)
 
 
 @dataclass
@@ -35,9 +42,9 @@ class InjectedDefect:
 class LineSimSource(Source):
     """A line camera simulator paced in real time.
 
-    Lines come from a folder of images (each resized to the camera width, scrolled along the
-    strip one after another, cycling) or from `models.synthetic.render_sample` pages when no
-    folder is given. Line `i` of the strip is the same pixels whatever the buffering, so the
+    Lines come from a folder of images (all of them, each resized to the camera width, scrolled
+    along the strip one after another, cycling unless once=1) or from
+    `models.synthetic.render_sample` pages when no folder is given. Line `i` of the strip is the same pixels whatever the buffering, so the
     ground truth of injected defects (`self.defects`, strip coordinates) is exact.
 
     Pacing: buffer k (lines [k*lines, (k+1)*lines)) is due at t0 + (k+1)*lines/rate. A consumer
@@ -53,13 +60,13 @@ class LineSimSource(Source):
     Ground truth for the accounting: line ids start at 0 (`first_index`) and `end_index()` is the
     camera's line counter (after close: where acquisition stopped), so lines lost before the
     first or after the last buffer read are countable. Parameters are validated at construction
-    (probabilities in [0, 1], finite rates, the memory pages and a buffer need).
+    (probabilities in [0, 1], finite rates, the memory synthetic pages and a buffer need).
     """
 
     kind_name = "linesim"
     PARAMS = ("width", "rate", "lines", "images", "defects", "drop", "corrupt", "stall",
-              "disconnect", "total", "format", "seed", "kind", "queue", "page", "pages")
-    MAX_PAGES = 64
+              "disconnect", "total", "format", "seed", "kind", "queue", "page", "pages", "once", "max_mb")
+    MAX_SYNTH_PAGES = 64
     MIN_RATE, MAX_RATE = 1e-3, 1e8      # lines/s (0 = as fast as read)
     MAX_STALL_S = 3600.0
 
@@ -84,9 +91,8 @@ class LineSimSource(Source):
         self.pixel_format = format_param(p, uri, "Mono8")
         self.synthetic_kind = p.get("kind", "texture")
         self.images_dir = pathlib.Path(unquote(p["images"])) if p.get("images") else None
-        self.n_pages = num_param(p, "pages", uri, 4, int, 1, self.MAX_PAGES)
-        ch = 3 if self.pixel_format == "RGB8" else 1
-        row = self.width * ch
+        self.n_pages = num_param(p, "pages", uri, 4, int, 1, self.MAX_SYNTH_PAGES)
+        row = self.width * (3 if self.pixel_format == "RGB8" else 1)
         check_fits([("one buffer", self.lines * row)] if self.images_dir is not None else
                    [(f"{self.n_pages} pages", self.n_pages * (self.page or self.width) * row),
                     ("one buffer", self.lines * row)], uri)
@@ -115,6 +121,10 @@ class LineSimSource(Source):
         self.first_index = 0
         self._stopped_at = None     # the line counter frozen at close (acquisition stop)
         self._ended = False         # the strip ended (total reached)
+        self.once = bool(num_param(p, "once", uri, 0, int, 0))
+        if self.once and self.images_dir is None:
+            raise SourceError(f"{uri}: once=1 replays an images= folder once; give images=DIR")
+        self.max_mb = num_param(p, "max_mb", uri, 2048.0, float, 1.0, 1e9)
         self._pages = None
         self._rng = np.random.default_rng(self.seed)
         self._t0 = None
@@ -162,15 +172,19 @@ class LineSimSource(Source):
         """Decode / render the page cycle once, before the clock starts (no stalls later)."""
         pages = []
         if self.image_files:
-            held = 0
-            for f in self.image_files[:self.MAX_PAGES]:
+            budget, used = self.max_mb * 1e6, 0
+            for i, f in enumerate(self.image_files):
                 img = read_image(f)
                 h = max(1, int(round(img.shape[0] * self.width / img.shape[1])))
-                held += h * self.width * (3 if self.pixel_format == "RGB8" else 1)
-                check_fits([(f"pages resized to width {self.width}", held)], self.uri)
                 img = cv2.resize(img, (self.width, h), interpolation=cv2.INTER_AREA
                                  if img.shape[1] > self.width else cv2.INTER_LINEAR)
                 pages.append(to_format(img, self.pixel_format))
+                used += pages[-1].nbytes
+                if used > budget:
+                    raise SourceError(
+                        f"{self.uri}: images={self.images_dir}: {len(self.image_files)} images; the first {i + 1} "
+                        f"already take {used / 1e6:.0f} MB at width {self.width} (max_mb={self.max_mb:g}); "
+                        "replay a smaller folder or raise max_mb")
         else:
             from models.synthetic import render_sample
 
@@ -182,6 +196,14 @@ class LineSimSource(Source):
                 pages.append(to_format(img, self.pixel_format))
         self._pages = pages
         self._starts = np.cumsum([0] + [pg.shape[0] for pg in pages])
+        if self.once:
+            self.total = int(self._starts[-1]) if not self.total else min(self.total, int(self._starts[-1]))
+
+    def page_starts(self) -> np.ndarray:
+        """Strip line where each page (image, in replay order) starts, plus the cycle length."""
+        if self._pages is None:
+            self._load_pages()
+        return self._starts.copy()
 
     def strip_lines(self, start: int, n: int) -> np.ndarray:
         """Lines [start, start+n) of the strip, defects included (deterministic)."""

@@ -19,7 +19,8 @@ from urllib.parse import unquote, urlsplit
 import cv2
 import numpy as np
 
-from .base import (Buffer, CameraMeta, Source, SourceDisconnected, SourceError, format_param, num_param, query_params, image_files, read_image, to_format, IMAGE_SUFFIXES)
+from .base import (Buffer, CameraMeta, IMAGE_SUFFIXES, Source, SourceDisconnected, SourceError, format_param,
+                   image_files, num_param, query_params, read_image, to_format)
 
 log = logging.getLogger("runtime.sources")
 

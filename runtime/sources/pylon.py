@@ -13,7 +13,8 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from .base import (Buffer, CameraMeta, Source, SourceDisconnected, SourceError, IndexTracker, format_param, mode_param, num_param, query_params)
+from .base import (Buffer, CameraMeta, IndexTracker, Source, SourceDisconnected, SourceError, format_param,
+                   mode_param, num_param, query_params)
 
 
 def _require_pylon(emulated: int = 0):

@@ -217,3 +217,30 @@ def test_linesim_stall_delays_then_loses_what_its_buffer_queue_cannot_hold():
     assert got + long.lines_lost == 1600
     # about 0.4 s x 2000 lines/s - 4 buffers x 20 lines = 720 lines lost (timing slack under load)
     assert 400 <= long.lines_lost <= 1400
+
+
+def test_linesim_replays_every_image_of_a_long_folder_once(tmp_path):
+    """70 images of different sizes (more than the 64 pages linesim once kept): once=1 streams each
+    of them exactly once, in sorted order, each resized to the camera width; nothing cycles."""
+    rng = np.random.default_rng(4)
+    sizes = [(int(rng.integers(9, 40)), int(rng.integers(20, 60))) for _ in range(70)]
+    for i, (h, w) in enumerate(sizes):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((h, w), 3 * i, np.uint8))
+    src = open_source(f"linesim://?images={tmp_path}&width=48&rate=0&lines=16&once=1")
+    strip = np.concatenate([b.data for b in _collect(src)])
+    want_h = [max(1, int(round(h * 48 / w))) for h, w in sizes]
+    assert strip.shape == (sum(want_h), 48)
+    starts = src.page_starts()
+    assert list(np.diff(starts)) == want_h
+    for i in (0, 37, 69):                      # each image's rows hold its own grey level
+        assert (strip[starts[i]:starts[i + 1]] == 3 * i).all()
+
+
+def test_linesim_refuses_a_folder_it_cannot_hold(tmp_path):
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.zeros((400, 400), np.uint8))
+    src = open_source(f"linesim://?images={tmp_path}&width=4000&rate=0&max_mb=20")
+    with pytest.raises(SourceError, match=r"5 images; the first \d+ already take \d+ MB"):
+        src.open()
+    with pytest.raises(SourceError, match="once=1 replays an images= folder"):
+        open_source("linesim://?width=64&once=1")
