@@ -69,6 +69,7 @@ class AravisSource(Source):
         _require_aravis()
         self._cam = self._stream = None
         self._tracker = IndexTracker()
+        self._end_number = None     # set at close from the buffers still queued in the driver
 
     def _open(self) -> None:
         # a reopened device may restart its frame counter: number buffers afresh (the
@@ -108,14 +109,31 @@ class AravisSource(Source):
         self.meta = CameraMeta(self.pixel_format, int(w), int(h), self.mode,
                                fr * h if self.mode == "line" else fr, f"aravis {cam.get_model_name()}")
         self._consecutive_timeouts = 0
+        self._end_number = None
 
     def _close(self) -> None:
         try:
+            if self._stream is not None and self._tracker.number >= 0:
+                self._end_number = self._drain()
             if self._cam is not None:
                 self._cam.stop_acquisition()
         finally:
             self._stream = None
             self._cam = None
+
+    def _drain(self) -> int:
+        """At close: the buffers the driver still holds were produced but never read; their frame
+        ids say how far the camera got (end_index). Returns one past the last buffer number."""
+        while True:
+            buf = self._stream.try_pop_buffer()
+            if buf is None:
+                return self._tracker.number + 1
+            self._tracker.next(int(buf.get_frame_id()))
+
+    def end_index(self) -> Optional[int]:
+        if self._end_number is None:
+            return None
+        return self._end_number * self.meta.height if self.mode == "line" else self._end_number
 
     def _read(self) -> Optional[Buffer]:
         Aravis = _Aravis

@@ -163,6 +163,19 @@ def test_aravis_fake_camera_line_mode(fake_gige):
     assert all(i % 16 == 0 for i in idx) and all(b > a for a, b in zip(idx, idx[1:]))
 
 
+@pytest.mark.stack("aravis")
+def test_aravis_buffers_left_in_the_driver_at_close_count_as_produced(fake_gige):
+    """Issue 16: lines after the last buffer read were never counted. The driver's queued buffers
+    (16 here; the camera fills them while the reader sleeps) are the camera's own count of how
+    far it got: end_index() after close."""
+    src = open_source("aravis://127.0.0.1?width=64&height=32&rate=3200&buffers=16")
+    with src:
+        first = src.read()
+        assert src.end_index() is None            # unknown while acquiring
+        time.sleep(0.6)                           # 100 frames/s: the 16 driver buffers fill up
+    assert first.index == 0 and src.end_index() == (1 + 16) * 32
+
+
 def _pylon():
     try:
         import pypylon  # noqa: F401
