@@ -52,7 +52,7 @@ from .tiling import Band, LineAssembler, RollingRows, StripStitcher
 log = logging.getLogger("runtime.pipeline")
 
 _POLL = 0.05   # seconds: every blocking queue call uses this timeout
-_JOIN_S = 2.0  # after the drain (or hard stop), how long finish() waits for the stage threads
+_JOIN_S = 1.5  # after the drain (or hard stop), how long finish() waits for the stage threads
 
 __all__ = ["Pipeline", "StreamConfig", "check_compatible", "scale_mismatch"]
 

@@ -293,7 +293,7 @@ class SinkRunner:
             out[name] = lane.snapshot()
         return out
 
-    def close(self, timeout: float = 1.5) -> Dict[str, dict]:
+    def close(self, timeout: float = 1.0) -> Dict[str, dict]:
         """Let the sinks finish what is queued for at most `timeout` s (retries stop waiting),
         count what is left as abandoned, close the sinks whose thread ended; the final counters."""
         self.stop_event.set()
