@@ -79,7 +79,7 @@ class Pipeline:
         self.infer_done = threading.Event()
         self.post_done = threading.Event()
         self.error: Optional[BaseException] = None
-        self.events: collections.deque = collections.deque(maxlen=10_000)   # most recent events
+        self.events: collections.deque = collections.deque(maxlen=1000)   # most recent events
         self._threads: List[threading.Thread] = []
 
     # ------------------------------------------------------------------------------------
@@ -575,7 +575,7 @@ class Pipeline:
         d = self.snapshot()
         st = self.stats
         d["latency_ms"] = Latencies.pct(st.latency.samples)
-        d["latency_ms"]["mean"] = float(np.mean(st.latency.samples)) if st.latency.samples else None
+        d["latency_ms"]["mean"] = float(np.mean(st.latency.samples)) if len(st.latency.samples) else None
         d["oldest_line_age_ms"] = Latencies.pct(st.age.samples)
         # the source's own count of what the camera produced, when it keeps one (linesim)
         produced = self.source.end_index()

@@ -467,3 +467,17 @@ def test_pathological_config_values_are_refused_at_construction():
                        ({"drain_timeout_s": float("nan")}, "finite"), ({"capture_queue": 0}, "capture-queue")):
         with pytest.raises(ValueError, match=needle):
             StreamConfig(**kw)
+
+
+def test_latency_reservoir_is_preallocated_and_unbiased():
+    from runtime.accounting import Latencies
+
+    lat = Latencies(cap=2000, seed=3)
+    before = lat._buf.nbytes
+    values = np.random.default_rng(0).permutation(20_000).astype(float)
+    for v in values:
+        lat.add(v)
+    assert lat.n == 20_000 and len(lat.samples) == 2000 and lat._buf.nbytes == before
+    assert not np.isnan(lat.samples).any()
+    assert abs(np.median(lat.samples) - 10_000) < 1_000       # a uniform sample of all 20,000
+    assert len(set(lat.samples.tolist())) == 2000
