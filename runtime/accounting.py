@@ -13,7 +13,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-DROP_REASONS = ("camera_drop", "reconnect_gap", "corrupt", "overload", "late", "engine_error", "shutdown")
+from .metrics import StreamHistograms
+
+DROP_REASONS = ("camera_drop", "reconnect_gap", "corrupt", "overload", "late", "engine_error", "paused",
+                "shutdown")
 
 
 class Latencies:
@@ -70,6 +73,7 @@ class Stats:
         self.late_after_inference = 0     # lines counted `late` after their band was inferred
         self.latency = Latencies()        # capture of a band's newest line -> verdict
         self.age = Latencies(seed=1)      # capture of a band's oldest owned line -> verdict
+        self.hist = StreamHistograms()    # the same times (and engine calls, queue waits) for /metrics
         self.t_start = time.monotonic()
         self.t_end = None
 

@@ -22,11 +22,16 @@ Line accounting (the invariant `lines_in == lines_scored + sum(lines_dropped.val
   late           a live source's lines whose verdict could not come within the latency budget
                  (dropped before inference when predicted late, or when the verdict came late)
   engine_error   the inference call for their tiles raised
+  paused         arrived while scoring was paused (`pause()`; the camera keeps running)
   shutdown       still in flight at a stop (queued, or produced by the camera but not yet read)
   scored         owned by a band whose tiles were all inferred in time (see runtime.tiling.Band)
 
 A source that is not live (a recording read as fast as it is taken) is never dropped from: the
 capture waits for room whatever --overload says, and no latency budget applies.
+
+Run-time controls (`set_thresholds`, `pause`, `resume`; runtime/control.py) may be called from any
+thread: they are applied by the stage threads (thresholds from the next band on, pause between
+buffers) and recorded with their time in the summary's `controls` and the sinks' control records.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from deploy import Engine, EngineError
 
 from .accounting import Latencies, Stats
 from .batching import BandBatcher
+from .control import Controls
 from .config import StreamConfig, capture_slots, check_compatible, check_memory, scale_mismatch
 from .sources import Buffer, Source, SourceDisconnected, SourceError
 from .tiling import Band, LineAssembler, RollingRows, StripStitcher
@@ -80,6 +86,9 @@ class Pipeline:
         self.post_done = threading.Event()
         self.error: Optional[BaseException] = None
         self.events: collections.deque = collections.deque(maxlen=1000)   # most recent events
+        self.last_verdict: Optional[dict] = None        # the newest scored band's verdict
+        self._band_times: collections.deque = collections.deque(maxlen=512)   # (own0, own1, t_first, t_new)
+        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self._threads: List[threading.Thread] = []
 
     # ------------------------------------------------------------------------------------
@@ -120,6 +129,7 @@ class Pipeline:
         budget = cfg.latency_budget_ms if self.live else None
         self.budget_ns = None if budget is None else int(budget * 1e6)
         self._resolve_thresholds()
+        self.control = Controls(self.pixel_threshold, self.image_threshold, time.monotonic())
         self.assembler = LineAssembler(cam.width, cam.channels, th, tw, sh, sw, capacity=ring)
         self.map_low = float(eng.score_stats.get("map_low", 0.0))
         self.stitcher = StripStitcher(cam.width, th, tw, self.pixel_threshold, cfg.min_area,
@@ -150,9 +160,36 @@ class Pipeline:
             self.image_threshold = rt.get("image_threshold")
         self.threshold_source = src
 
+    # ------------------------------------------------------------------------------------
+    # run-time controls (any thread; applied by the stages, runtime/control.py)
+    # ------------------------------------------------------------------------------------
+    def set_thresholds(self, pixel_threshold=None, image_threshold=None, by: str = "api",
+                       clear_image_threshold: bool = False) -> dict:
+        """New pixel / image thresholds (raw scale) from the next band on; see Controls."""
+        self.setup()
+        return self.control.set_thresholds(pixel_threshold, image_threshold, by, clear_image_threshold)
+
+    def pause(self, by: str = "api") -> None:
+        """Stop scoring, keep capturing: lines that arrive are counted `paused`."""
+        self.setup()
+        self.control.pause(by)
+
+    def resume(self, by: str = "api") -> None:
+        self.setup()
+        self.control.resume(by)
+
+    def _control_record(self, kind: str, from_line, by: str = "api", **fields) -> None:
+        rec = self.control.record(kind, from_line, by, **fields)
+        if self.sinks is not None:
+            self.sinks.offer_control(rec)
+
+    def wall_time(self, t_ns: int) -> float:
+        """A monotonic_ns capture time as Unix seconds."""
+        return (t_ns + self._wall_offset_ns) / 1e9
+
     def start(self) -> "Pipeline":
         self.setup()
-        self.stats.t_start = time.monotonic()
+        self.stats.t_start = self.control.t_start = time.monotonic()
         for name, fn in (("capture", self._capture), ("preprocess", self._preprocess),
                          ("inference", self._inference), ("postprocess", self._postprocess)):
             t = threading.Thread(target=self._guard(fn), name=f"stream-{name}", daemon=True)
@@ -308,13 +345,25 @@ class Pipeline:
     # ------------------------------------------------------------------------------------
     def _preprocess(self) -> None:
         asm = self.assembler
+        next_line = None        # one past the last line this stage saw
         while not self.hard_stop.is_set():
+            change = self.control.pause_change()
+            if change is not None:
+                if change == "pause" and not self._submit_all(asm.flush()):   # what is held is scored
+                    return
+                self._control_record(change, next_line)
             buf = self._get(self.q_cap)
             if buf is None:
                 if self.capture_done.is_set() and self.q_cap.empty():
                     break
                 continue
-            if self.budget_ns is not None and time.monotonic_ns() - buf.t_ns > self.budget_ns:
+            now = time.monotonic_ns()
+            self.stats.hist.wait("capture", (now - buf.t_ns) / 1e9)
+            next_line = (buf.index + 1) * buf.lines if self.area else buf.index + buf.lines
+            if self.control.paused:
+                self.stats.drop("paused", buf.lines)
+                continue
+            if self.budget_ns is not None and now - buf.t_ns > self.budget_ns:
                 self.stats.drop("late", buf.lines)      # waited too long already: no verdict in time
                 continue
             data = buf.data if buf.data.ndim == 3 else buf.data[:, :, None]
@@ -343,6 +392,7 @@ class Pipeline:
             if not self._put(self.q_post, ("dropped", old, "overload")):
                 self.stats.drop("overload", old.owned)
 
+        band.t_queued_ns = time.monotonic_ns()
         ok = self._put(self.q_inf, band, evict if self.live else None)
         if not ok:
             self.stats.drop("shutdown", band.owned)
@@ -383,12 +433,14 @@ class Pipeline:
                 err = f"{type(e).__name__}: {e}"
                 log.warning("engine error on %d tiles: %s", frames.shape[0], e)
             dt = time.perf_counter() - t0
+            st.hist.engine_call.observe(dt)
             self._call_s = dt if not self._call_s else 0.8 * self._call_s + 0.2 * dt
             with st.lock:
                 st.engine_calls += 1
                 st.engine_time_s += dt
                 st.engine_errors += err is not None
             for band, rec in batcher.scatter(parts, out, err):
+                band.t_queued_ns = time.monotonic_ns()
                 item = ("dropped", band, "engine_error") if rec["err"] is not None else ("scored", band, rec)
                 if not self._put(self.q_post, item):
                     return
@@ -400,6 +452,7 @@ class Pipeline:
         band = self._get(self.q_inf, timeout=timeout)
         if band is None:
             return False
+        self.stats.hist.wait("inference", (time.monotonic_ns() - band.t_queued_ns) / 1e9)
         if self._predicted_late(band, batcher.pending_tiles):
             if not self._put(self.q_post, ("dropped", band, "late")):
                 self.stats.drop("late", band.owned)
@@ -447,19 +500,34 @@ class Pipeline:
         kind, band, payload = item
         st = self.stats
         now = time.monotonic_ns()
+        if kind != "marker":
+            st.hist.wait("post", (now - band.t_queued_ns) / 1e9)
+        req = self.control.take_thresholds()
+        if req is not None:     # from this band on: rows not yet final, this band's tiles
+            self.pixel_threshold = self.stitcher.threshold = req["pixel_threshold"]
+            self.image_threshold = req["image_threshold"]
+            self._control_record("thresholds", self.stitcher.first_open_line, req["by"],
+                                 pixel_threshold=req["pixel_threshold"], image_threshold=req["image_threshold"],
+                                 requested=req["requested"])
+        if band.owned:
+            self._band_times.append((band.own0, band.own1, band.t_first_ns, band.t_ns))
         if kind == "scored" and self.budget_ns is not None and now - band.t_ns > self.budget_ns:
             kind, payload = "dropped", "late"       # the verdict came too late for its lines
             with st.lock:
                 st.late_after_inference += band.owned
         if kind == "scored":
             rec = payload
+            bad = int((rec["norm"] >= 0.5).sum() if self.image_threshold is None
+                      else (rec["score"] >= self.image_threshold).sum())
             with st.lock:
                 st.lines_scored += band.owned
                 st.tiles_scored += band.n_tiles
                 st.bands_scored += 1
-                st.tiles_anomalous += int((rec["norm"] >= 0.5).sum() if self.image_threshold is None
-                                          else (rec["score"] >= self.image_threshold).sum())
+                st.tiles_anomalous += bad
+            self.last_verdict = {"line": band.own1 - 1, "anomalous": bad > 0, "tiles_anomalous": bad,
+                                 "max_score": float(rec["score"].max()), "time": self.wall_time(now)}
             st.latency.add((now - band.t_ns) / 1e6)
+            st.hist.line_to_verdict.observe((now - band.t_ns) / 1e9)
             st.age.add((now - band.t_first_ns) / 1e6)
             self._write_preview(band)
             events = self.stitcher.add_band(band, rec["maps"])
@@ -483,10 +551,25 @@ class Pipeline:
     def _emit_event(self, ev) -> None:
         with self.stats.lock:
             self.stats.events += 1
+            seq = self.stats.events
         d = ev.to_dict()
+        d["seq"] = seq                 # 1, 2, ... per stream: gaps downstream are countable
+        t_cap = self._capture_time(ev.line_end)
+        d["t_capture"] = None if t_cap is None else round(self.wall_time(t_cap), 6)
+        d["t_verdict"] = round(time.time(), 6)
         self.events.append(d)
         if self.sinks is not None:
-            self.sinks.offer_event(self, ev)
+            self.sinks.offer_event(self, ev, d)
+
+    def _capture_time(self, line: int) -> Optional[int]:
+        """Capture time (monotonic ns) of a strip line of a recent band, interpolated between its
+        band's oldest and newest owned lines; None when no recent band owns it."""
+        for own0, own1, t0, t1 in reversed(self._band_times):
+            if own0 <= line < own1:
+                return t0 if own1 - own0 <= 1 else int(t0 + (t1 - t0) * (line - own0) / (own1 - own0 - 1))
+            if own1 <= line:
+                break
+        return None
 
     # ------------------------------------------------------------------------------------
     # control
@@ -565,6 +648,8 @@ class Pipeline:
                 "corrupt_buffers": st.corrupt_buffers,
             }
         d["queues"] = {"capture": self.q_cap.qsize(), "inference": self.q_inf.qsize(), "post": self.q_post.qsize()}
+        d.update(self.control.snapshot())
+        d["last_verdict"] = self.last_verdict
         el = max(d["elapsed_s"], 1e-9)
         d["lines_per_s"] = d["lines_scored"] / el
         d["tiles_per_s"] = d["tiles_scored"] / el
@@ -590,9 +675,12 @@ class Pipeline:
         d["source"] = {"uri": self.source.uri, **asdict(self.source.meta)}
         d["tile"] = list(self.tile_hw)
         d["stride"] = list(self.stride_hw)
-        d["pixel_threshold"] = self.pixel_threshold
-        d["image_threshold"] = self.image_threshold
         d["threshold_source"] = self.threshold_source
+        with self.control.lock:
+            d["controls"] = list(self.control.records)
+        first = next((c for c in d["controls"] if c["control"] == "thresholds"), None)
+        d["thresholds_at_start"] = ({"pixel_threshold": self.pixel_threshold, "image_threshold": self.image_threshold}
+                                    if first is None else first["previous"])
         d["scale_warning"] = self.scale_warning
         d["config"] = {k: v for k, v in asdict(self.cfg).items()}
         d["error"] = None if self.error is None else f"{type(self.error).__name__}: {self.error}"

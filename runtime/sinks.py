@@ -1,13 +1,20 @@
-"""Where verdicts go: JSON-lines events, PNG overlays, a rolling strip preview, a webhook, /metrics.
+"""Where verdicts go: JSON-lines events, PNG overlays, a rolling strip preview, a webhook (and, in
+their own modules, MQTT, OPC UA and the live page).
 
-A `Sink` has two methods: `write(record)` (a dict with "type": "event" or "preview"; it may block
-or raise) and `close()`; `accepts` names the record types it wants. `SinkRunner` gives every sink
+A `Sink` has two methods: `write(record)` (a dict with "type": "event", "preview", "status" or
+"control"; it may block or raise) and `close()`; `accepts` names the record types it wants. `SinkRunner` gives every sink
 its own bounded queue and thread, so no sink can stall the pipeline or another sink: `offer_*`
 never waits - a full queue drops the record and counts it; a write that raises is retried with
 backoff (`retries`, `backoff_s`) and then counted as failed; `close()` gives the queues a deadline
 and counts what is still queued as `abandoned`. `SinkRunner.snapshot()` is one plain dict of
-counters per sink (the summary and /metrics read it). New sinks (MQTT, OPC UA, ...) subclass
-`Sink`; nothing else changes.
+counters per sink (the summary and /metrics read it). A sink with a bounded outbox of its own
+(MQTT) raises `SinkOverflow` when it is full: the record is counted `dropped`, not retried; a
+sink's `counters()` adds its own figures (e.g. acknowledged deliveries) to its entry.
+
+Record types: "event" (a defect: the event dict with its sequence number and capture / verdict
+times, a crop and its map), "preview" (the newest strip rows and their map, at most every
+`preview_every_s` of each sink), "status" (the pipeline snapshot, from the stream's main loop),
+"control" (a threshold change, pause or resume, runtime.control).
 """
 from __future__ import annotations
 
@@ -20,8 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
 
 import cv2
@@ -32,19 +38,29 @@ from deploy.contract import map_unit
 log = logging.getLogger("runtime.sinks")
 
 
+class SinkOverflow(Exception):
+    """Raised by a sink whose own bounded outbox is full: the record is dropped and counted."""
+
+
 class Sink:
     """Base: `write(record)` and `close()`; a context manager. Class attributes say how the runner
     treats it: `accepts` (record types), `queue_size`, `retries` / `backoff_s` (a write that raises
-    is tried again after backoff_s, 2 x backoff_s, ...)."""
+    is tried again after backoff_s, 2 x backoff_s, ...), `preview_every_s` (preview records at most
+    this often)."""
 
     name = "sink"
     accepts = ("event",)
     queue_size = 256
     retries = 0
     backoff_s = 0.2
+    preview_every_s = 1.0
 
     def write(self, record: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def counters(self) -> Dict[str, int]:
+        """The sink's own counters (added to its snapshot entry and to /metrics)."""
+        return {}
 
     def close(self) -> None:
         pass
@@ -57,7 +73,8 @@ class Sink:
 
 
 class JsonlSink(Sink):
-    """One JSON object per defect event, flushed per line."""
+    """One JSON object per defect event, flushed per line; operator actions (threshold changes,
+    pause, resume) as lines with a "control" key."""
 
     name = "events.jsonl"
 
@@ -66,8 +83,10 @@ class JsonlSink(Sink):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
 
+    accepts = ("event", "control")
+
     def write(self, record):
-        self._f.write(json.dumps(record["event"], sort_keys=True) + "\n")
+        self._f.write(json.dumps(record["event" if record["type"] == "event" else "control"], sort_keys=True) + "\n")
         self._f.flush()
 
     def close(self):
@@ -204,6 +223,9 @@ class _Lane:
                 if not self.stop_counting:
                     self.counts["written"] += 1
                 return
+            except SinkOverflow:
+                self.counts["dropped"] += 1
+                return
             except Exception as e:   # a failing sink is counted and retried; it never stops others
                 self.last_error = f"{type(e).__name__}: {e}"
                 if attempt == sink.retries or self.stop.wait(sink.backoff_s * 2 ** attempt):
@@ -216,19 +238,25 @@ class _Lane:
         self.counts["failed"] += 1
 
     def snapshot(self) -> dict:
-        return {**self.counts, "queued": self.q.qsize(), "last_error": self.last_error}
+        try:
+            extra = dict(self.sink.counters())
+        except Exception as e:   # a sink's own figures must never break the snapshot
+            extra = {"counters_error": f"{type(e).__name__}: {e}"}
+        d = {**self.counts, "queued": self.q.qsize(), "last_error": self.last_error, **extra}
+        if extra:
+            d["extra_counters"] = sorted(k for k, v in extra.items() if isinstance(v, (int, float)))
+        return d
 
 
 class SinkRunner:
     """Each sink behind its own bounded queue and thread; `offer_*` never blocks."""
 
-    def __init__(self, sinks: Sequence[Sink], preview_every_s: float = 1.0, preview_rows: int = 512):
+    def __init__(self, sinks: Sequence[Sink], preview_rows: int = 512):
         self.sinks = list(sinks)
         self.stop_event = threading.Event()
         self.lanes: List[_Lane] = [_Lane(s, self.stop_event) for s in self.sinks]
-        self.preview_every_s = float(preview_every_s)
         self.preview_rows = int(preview_rows)
-        self._last_preview = 0.0
+        self._last_preview = {id(lane): 0.0 for lane in self.lanes}
 
     def start(self):
         for lane in self.lanes:
@@ -239,11 +267,13 @@ class SinkRunner:
         return [lane for lane in self.lanes if kind in lane.sink.accepts]
 
     # called from the postprocess thread ---------------------------------------------------
-    def offer_event(self, pipe, ev) -> None:
+    def offer_event(self, pipe, ev, event: Optional[dict] = None) -> None:
+        """`ev` the DefectEvent, `event` its dict as published (the pipeline adds seq and times;
+        default ev.to_dict())."""
         lanes = self._wants("event")
         if not lanes:
             return
-        rec = {"type": "event", "event": ev.to_dict(), "threshold": pipe.pixel_threshold,
+        rec = {"type": "event", "event": ev.to_dict() if event is None else event, "threshold": pipe.pixel_threshold,
                "map_low": pipe.map_low, "crop": None}
         pad = 32
         y0, y1 = ev.line_start - pad, ev.line_end + 1 + pad
@@ -263,9 +293,10 @@ class SinkRunner:
             lane.offer(rec)
 
     def offer_preview(self, pipe, force: bool = False) -> None:
-        lanes = self._wants("preview")
         now = time.monotonic()
-        if not lanes or (not force and now - self._last_preview < self.preview_every_s):
+        lanes = [lane for lane in self._wants("preview")
+                 if force or now - self._last_preview[id(lane)] >= lane.sink.preview_every_s]
+        if not lanes:
             return
         st = pipe.stitcher
         y1 = st.preview_end
@@ -278,9 +309,19 @@ class SinkRunner:
             return
         rec = {"type": "preview", "image": img.copy(), "map": amap, "threshold": pipe.pixel_threshold,
                "map_low": pipe.map_low}
-        self._last_preview = now
         for lane in lanes:
+            self._last_preview[id(lane)] = now
             lane.offer(rec)
+
+    def offer_status(self, snapshot: dict) -> None:
+        """The pipeline's live figures (from the stream's main loop, not the pipeline's threads)."""
+        for lane in self._wants("status"):
+            lane.offer({"type": "status", "status": snapshot})
+
+    def offer_control(self, control: dict) -> None:
+        """An operator action as the pipeline recorded it (runtime.control)."""
+        for lane in self._wants("control"):
+            lane.offer({"type": "control", "control": control})
 
     # counters and shutdown -----------------------------------------------------------------
     def snapshot(self) -> Dict[str, dict]:
@@ -319,92 +360,3 @@ class SinkRunner:
             except Exception as e:
                 log.warning("closing sink %s failed: %s", lane.sink.name, e)
         return self.snapshot()
-
-
-# ------------------------------------------------------------------------------------------
-# Prometheus /metrics
-# ------------------------------------------------------------------------------------------
-def prometheus_text(s: dict) -> str:
-    """Prometheus exposition text from a pipeline snapshot."""
-    out: List[str] = []
-
-    def metric(name, typ, help_, samples):
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {typ}")
-        for labels, v in samples:
-            lab = "" if not labels else "{" + ",".join(f'{k}="{v2}"' for k, v2 in labels.items()) + "}"
-            out.append(f"{name}{lab} {float('nan') if v is None else v}")
-
-    metric("edge_ad_lines_in_total", "counter", "Lines produced by the camera", [({}, s["lines_in"])])
-    metric("edge_ad_lines_scored_total", "counter", "Lines scored", [({}, s["lines_scored"])])
-    metric("edge_ad_lines_dropped_total", "counter", "Lines dropped, by reason",
-           [({"reason": r}, v) for r, v in s["dropped"].items()])
-    metric("edge_ad_tiles_scored_total", "counter", "Tiles inferred", [({}, s["tiles_scored"])])
-    metric("edge_ad_events_total", "counter", "Defect events", [({}, s["events"])])
-    metric("edge_ad_engine_errors_total", "counter", "Failed inference calls", [({}, s["engine_errors"])])
-    metric("edge_ad_reconnects_total", "counter", "Camera reconnects", [({}, s["reconnects"])])
-    metric("edge_ad_latency_ms", "summary", "Capture to verdict latency (recent bands)",
-           [({"quantile": q}, s["latency_ms"][k]) for q, k in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))])
-    metric("edge_ad_queue_depth", "gauge", "Items waiting per queue",
-           [({"queue": k}, v) for k, v in s["queues"].items()])
-    metric("edge_ad_lines_per_second", "gauge", "Scored lines per second since start", [({}, s["lines_per_s"])])
-    sinks = s.get("sinks") or {}
-    metric("edge_ad_sink_records_total", "counter", "Records per sink, by outcome",
-           [({"sink": name, "outcome": k}, c[k]) for name, c in sinks.items() for k in COUNTERS if k != "retries"])
-    metric("edge_ad_sink_retries_total", "counter", "Write attempts retried per sink",
-           [({"sink": name}, c["retries"]) for name, c in sinks.items()])
-    metric("edge_ad_sink_queue_depth", "gauge", "Records waiting per sink", [({"sink": name}, c["queued"])
-                                                                            for name, c in sinks.items()])
-    return "\n".join(out) + "\n"
-
-
-class MetricsServer:
-    """`GET /metrics` in Prometheus text format from `snapshot_fn()` (one plain dict: the
-    pipeline's snapshot plus "sinks"); binds 127.0.0.1 unless told otherwise. The port is bound
-    when built (a port in use fails before anything else starts) and served after `start()`."""
-
-    def __init__(self, snapshot_fn: Callable[[], dict], port: int = 0, host: str = "127.0.0.1"):
-        self.snapshot_fn = snapshot_fn
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics here")
-                    return
-                body = prometheus_text(owner.snapshot_fn()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a):
-                pass
-
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"--metrics-port {port!r}: expected a TCP port 0..65535 (0 = any free port)")
-        try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
-        except (OSError, OverflowError, UnicodeError) as e:
-            raise ValueError(f"--metrics-port {port}: cannot listen on {host}:{port}: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
-        self.server.daemon_threads = True
-        self.host, self.port = host, self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="stream-metrics", daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()

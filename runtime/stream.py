@@ -28,7 +28,8 @@ from deploy.remote import RemoteEngine
 from .accounting import format_status
 from .config import DEFAULT_LATENCY_BUDGET_MS
 from .pipeline import Pipeline, StreamConfig
-from .sinks import JsonlSink, MetricsServer, OverlaySink, PreviewSink, SinkRunner, WebhookSink, check_http_url
+from .metrics import MetricsServer, metrics_registry
+from .sinks import JsonlSink, OverlaySink, PreviewSink, SinkRunner, WebhookSink, check_http_url
 from .sources import SourceError, open_source
 
 
@@ -77,6 +78,17 @@ def describe_engine(pipe: Pipeline) -> List[str]:
     return lines
 
 
+def engine_info(pipe: Pipeline) -> dict:
+    """Identity of what runs (the /metrics info metric and the live page)."""
+    eng = pipe.engine
+    i = eng.integrity()
+    return {"backend": eng.backend, "model": eng.meta.get("model"), "path": str(eng.path),
+            "artifact_sha256": i.get("artifact_sha256") or i.get("weights_sha256"),
+            "metadata_sha256": i.get("metadata_sha256") or i.get("meta_sha256"),
+            "format_version": i.get("format_version"), "parity": i.get("parity"),
+            "threshold_source": pipe.threshold_source}
+
+
 def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, backend: Optional[str] = None,
                config: Optional[StreamConfig] = None, duration_s: Optional[float] = None,
                out_dir=None, metrics_port: Optional[int] = None, metrics_host: str = "127.0.0.1",
@@ -103,7 +115,7 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
         raise StreamError(str(e)) from None
     out = prepare_out_dir(out_dir)
     try:
-        metrics = MetricsServer(lambda: {}, metrics_port, metrics_host) if metrics_port is not None else None
+        metrics = MetricsServer(None, metrics_port, metrics_host) if metrics_port is not None else None
     except ValueError as e:
         raise StreamError(str(e)) from None
     source = eng = runner = None
@@ -150,7 +162,7 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
 
     try:
         if metrics is not None:
-            metrics.snapshot_fn = snapshot
+            metrics.registry = metrics_registry(snapshot, pipe.stats.hist, engine_info(pipe))
             metrics.start()
             if console:
                 console(f"metrics: http://{metrics.host}:{metrics.port}/metrics")

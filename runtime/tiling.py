@@ -58,6 +58,7 @@ class Band:
     tiles: Optional[np.ndarray] = None  # uint8 (n_tiles, tile_h, tile_w, C)
     last_of_segment: bool = False
     frame: Optional[int] = None  # area cameras: the frame index
+    t_queued_ns: int = 0        # when it last entered a stage queue (queue-wait histograms)
 
     @property
     def owned(self) -> int:
@@ -341,6 +342,12 @@ class StripStitcher:
         events += self._close_open(all_rows=True)
         self._segment = None
         return events
+
+    @property
+    def first_open_line(self) -> int:
+        """The first strip line whose thresholding is not settled yet (rows not final, or final
+        rows of a defect still open): a new threshold applies from here."""
+        return int(self._open_y0 if self._open.shape[0] else self._acc_y0)
 
     def map_rows(self, y0: int, y1: int) -> Optional[np.ndarray]:
         """Final map rows [y0, y1) from the preview ring (-inf for lines never scored), or

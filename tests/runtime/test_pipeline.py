@@ -88,7 +88,7 @@ def test_defect_on_a_tile_seam_is_found_once_at_its_strip_position(kind, request
 
 
 def test_metrics_endpoint_reports_the_pipeline_counters(torch_engine):
-    from runtime.sinks import MetricsServer
+    from runtime.metrics import MetricsServer
 
     src = open_source(SIM + "&rate=0&lines=64&total=192")
     pipe = Pipeline(torch_engine, src, StreamConfig(tile=TILE, stride=64, overload="block")).start()

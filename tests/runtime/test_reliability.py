@@ -13,7 +13,8 @@ import pytest
 
 from benchmarks.soak import SilentPeer
 from runtime.pipeline import Pipeline, StreamConfig
-from runtime.sinks import MetricsServer, Sink, SinkRunner, WebhookSink
+from runtime.metrics import MetricsServer
+from runtime.sinks import Sink, SinkRunner, WebhookSink
 from runtime.sources import SourceDisconnected, SourceError, open_source
 from runtime.stream import StreamError, main, run_stream
 from tests.strip_model import SIM, TILE
@@ -212,9 +213,13 @@ def test_sink_counters_are_served_on_metrics(torch_engine, dead_peer):
     with MetricsServer(lambda: {**got["pipe"].snapshot(), "sinks": runner.snapshot()}, 0) as m:
         text = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=5).read().decode()
     runner.close(timeout=0.1)
-    assert 'edge_ad_sink_records_total{sink="webhook",outcome="dropped"} 0' in text
-    assert 'edge_ad_sink_queue_depth{sink="webhook"} 0' in text
-    assert 'edge_ad_lines_dropped_total{reason="late"}' in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = {(m.name, tuple(sorted(m.labels.items()))): m.value
+           for fam in text_string_to_metric_families(text) for m in fam.samples}
+    assert got[("edge_ad_sink_records_total", (("outcome", "dropped"), ("sink", "webhook")))] == 0
+    assert got[("edge_ad_sink_queue_depth", (("sink", "webhook"),))] == 0
+    assert ("edge_ad_lines_dropped_total", (("reason", "late"),)) in got
 
 
 # ---- 3. accounting from the camera's own counters ------------------------------------------------
