@@ -157,3 +157,17 @@ def check_memory(cfg: StreamConfig, cam: CameraMeta, tile_hw, stride_w: int, rin
                  max_batch: int, where: str) -> int:
     """Bytes the stream's buffers may hold; SourceError (one line with the sizes) when they cannot fit."""
     return check_fits(buffer_memory(cfg, cam, tile_hw, stride_w, ring_rows, max_batch), where)
+
+
+def parse_address(text: str, option: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
+    """"HOST:PORT", ":PORT" or "PORT" -> (host, port); ValueError naming the option."""
+    text = str(text).strip()
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or default_host
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected HOST:PORT (e.g. 127.0.0.1:8080)") from None
+    if not 0 <= p <= 65535:
+        raise ValueError(f"{option} {text!r}: port {p} is not in 0..65535")
+    return host, p

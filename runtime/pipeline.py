@@ -178,7 +178,9 @@ class Pipeline:
         self.setup()
         self.control.resume(by)
 
-    def _control_record(self, kind: str, from_line, by: str = "api", **fields) -> None:
+    def record_control(self, kind: str, from_line, by: str = "api", **fields) -> None:
+        """Record an operator action (and offer it to the sinks); the stages call it for what they
+        applied, the page for a saved runtime config."""
         rec = self.control.record(kind, from_line, by, **fields)
         if self.sinks is not None:
             self.sinks.offer_control(rec)
@@ -351,7 +353,7 @@ class Pipeline:
             if change is not None:
                 if change == "pause" and not self._submit_all(asm.flush()):   # what is held is scored
                     return
-                self._control_record(change, next_line)
+                self.record_control(change, next_line)
             buf = self._get(self.q_cap)
             if buf is None:
                 if self.capture_done.is_set() and self.q_cap.empty():
@@ -506,7 +508,7 @@ class Pipeline:
         if req is not None:     # from this band on: rows not yet final, this band's tiles
             self.pixel_threshold = self.stitcher.threshold = req["pixel_threshold"]
             self.image_threshold = req["image_threshold"]
-            self._control_record("thresholds", self.stitcher.first_open_line, req["by"],
+            self.record_control("thresholds", self.stitcher.first_open_line, req["by"],
                                  pixel_threshold=req["pixel_threshold"], image_threshold=req["image_threshold"],
                                  requested=req["requested"])
         if band.owned:

@@ -29,8 +29,14 @@ from .accounting import format_status
 from .config import DEFAULT_LATENCY_BUDGET_MS
 from .pipeline import Pipeline, StreamConfig
 from .metrics import MetricsServer, metrics_registry
+from .mqtt import MqttSink, parse_mqtt_url
+from .opcua import OpcUaSink
 from .sinks import JsonlSink, OverlaySink, PreviewSink, SinkRunner, WebhookSink, check_http_url
 from .sources import SourceError, open_source
+from .strip import WebStrip
+from .ui import UIServer
+
+STATUS_RECORD_S = 0.25     # live figures to the sinks that take them (MQTT status, OPC UA counters)
 
 
 class StreamError(ValueError):
@@ -95,11 +101,16 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
                webhook: Optional[str] = None, console: Optional[Callable[[str], None]] = None,
                status_every_s: float = 1.0, stop_event: Optional[threading.Event] = None,
                threads: int = 0, device: str = "cpu", on_start: Optional[Callable[[Pipeline], None]] = None,
-               buffers: str = "auto", allow_rejected: bool = False, **config_kw) -> dict:
+               buffers: str = "auto", allow_rejected: bool = False, ui: Optional[str] = None,
+               ui_token: Optional[str] = None, ui_strip_lines: int = 100_000, mqtt: Optional[str] = None,
+               mqtt_outbox: int = 10_000, opcua: Optional[str] = None, reject_offset_lines: int = 0,
+               **config_kw) -> dict:
     """Stream `source_uri` through `engine` until the source ends, `duration_s` passes or
     `stop_event` is set. Writes events.jsonl, overlays/, preview.png and summary.json under
-    `out_dir` when given. Returns the summary (see `Pipeline.summary`; "sinks" holds each sink's
-    counters).
+    `out_dir` when given; serves the live page (`ui` = "HOST:PORT", runtime.ui), publishes to MQTT
+    (`mqtt` = "mqtt://HOST:PORT/TOPIC", runtime.mqtt) and OPC UA (`opcua` = "HOST:PORT",
+    runtime.opcua) when asked. Returns the summary (see `Pipeline.summary`; "sinks" holds each
+    sink's counters, "listening" every address the stream served on).
 
     Raises StreamError (one clear message) for anything wrong at start; nothing has been written
     to `out_dir` then.
@@ -111,15 +122,22 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
             raise ValueError(f"--duration {duration_s!r}: expected a finite number of seconds >= 0")
         if webhook:
             check_http_url(webhook)
+        if mqtt:
+            parse_mqtt_url(mqtt)
+        if isinstance(reject_offset_lines, bool) or not isinstance(reject_offset_lines, int) \
+                or not 0 <= reject_offset_lines < 1 << 40:
+            raise ValueError(f"--reject-offset-lines {reject_offset_lines!r}: expected an integer >= 0")
     except ValueError as e:
         raise StreamError(str(e)) from None
     out = prepare_out_dir(out_dir)
+    servers = []       # bound before anything else starts, closed last
+    source = eng = runner = metrics = page = plc = None
     try:
         metrics = MetricsServer(None, metrics_port, metrics_host) if metrics_port is not None else None
-    except ValueError as e:
-        raise StreamError(str(e)) from None
-    source = eng = runner = None
-    try:
+        servers.append(metrics)
+        page = UIServer(ui, ui_token) if ui else None
+        servers.append(page)
+        plc = OpcUaSink(opcua, reject_offset_lines) if opcua else None
         source = open_source(source_uri)
         source.open()
         if not isinstance(engine, Engine):
@@ -137,6 +155,15 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
                       PreviewSink(out / "preview.png")]
         if webhook:
             sinks.append(WebhookSink(webhook))
+        if mqtt:
+            sinks.append(MqttSink(mqtt, outbox=mqtt_outbox, reject_offset_lines=reject_offset_lines))
+        if plc is not None:
+            sinks.append(plc)
+        strip = None
+        if page is not None:
+            sinks.append(page.sink())
+            strip = WebStrip(source.meta.width, source.meta.channels, lines=ui_strip_lines)
+            pipe.on_band = strip.on_band(pipe)
         runner = SinkRunner(sinks).start() if sinks else None
         pipe.sinks = runner
         if console:
@@ -146,12 +173,15 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
     except (SourceError, EngineError, ValueError, OSError) as e:
         if runner is not None:
             runner.close(timeout=0.5)
+        elif plc is not None:
+            plc.close()
         if source is not None:
             source.close()
         if eng is not None and not isinstance(engine, Engine):
             eng.close()
-        if metrics is not None:
-            metrics.close()
+        for srv in servers:
+            if srv is not None:
+                srv.close()
         raise StreamError(str(e) if not isinstance(e, OSError) else f"{getattr(e, 'filename', '')}: "
                           f"{e.strerror or e}") from None
 
@@ -160,35 +190,59 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
         d["sinks"] = runner.snapshot() if runner is not None else {}
         return d
 
+    listening = []
     try:
+        info = engine_info(pipe)
+        registry = metrics_registry(snapshot, pipe.stats.hist, info)
         if metrics is not None:
-            metrics.registry = metrics_registry(snapshot, pipe.stats.hist, engine_info(pipe))
+            metrics.registry = registry
             metrics.start()
+            listening.append(f"http://{metrics.host}:{metrics.port}/metrics")
             if console:
-                console(f"metrics: http://{metrics.host}:{metrics.port}/metrics")
+                console(f"metrics: {listening[-1]}")
+        if page is not None:
+            artifact = eng.path if eng.backend not in ("torch", "remote") else None
+            page.attach(pipe, snapshot, info, registry, strip, artifact).start()
+            listening.append(page.url)
+            if console:
+                console(f"ui: {page.url}" + (f"#token={page.token}  (control token {page.token})"
+                                             if page.token_generated else "  (control token from --ui-token)"))
+        if plc is not None:
+            listening.append(plc.endpoint)
+            if console:
+                console(f"opcua: {plc.endpoint}")
         if on_start is not None:
             on_start(pipe)
         t0 = time.monotonic()
         next_status = t0 + status_every_s
+        next_record = t0
         while pipe.running():
             if stop_event is not None and stop_event.is_set():
                 break
             if duration_s is not None and time.monotonic() - t0 >= duration_s:
                 break
             pipe.wait(0.05)
-            if console and time.monotonic() >= next_status:
+            now = time.monotonic()
+            if runner is not None and now >= next_record:
+                runner.offer_status(snapshot())
+                next_record = now + STATUS_RECORD_S
+            if console and now >= next_status:
                 console(format_status(snapshot()))
                 next_status += status_every_s
     finally:
         summary = pipe.finish()
         if runner is not None:
             runner.offer_preview(pipe, force=True)
+            runner.offer_status(summary)
             summary["sinks"] = runner.close()
         else:
             summary["sinks"] = {}
+        summary["listening"] = listening
         if metrics is not None:
             summary["metrics_port"] = metrics.port
-            metrics.close()
+        for srv in servers:
+            if srv is not None:
+                srv.close()
         if not isinstance(engine, Engine):
             eng.close()
         if out is not None:
@@ -254,6 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-area", type=int, default=1)
     p.add_argument("--webhook", default=None, help="POST each event as JSON to this URL (own queue, "
                                                    "2 s timeout, 3 retries; never stalls the stream)")
+    g = p.add_argument_group("on the line: live page, MQTT, OPC UA (bound to 127.0.0.1 unless a host is given)")
+    g.add_argument("--ui", default=None, metavar="HOST:PORT",
+                   help="serve the live operator page (strip, events, live charts, thresholds, pause), e.g. 127.0.0.1:8080")
+    g.add_argument("--ui-token", default=None, help="control token the page needs to change anything "
+                                                    "(default: generated and printed at start)")
+    g.add_argument("--ui-strip-lines", type=int, default=100_000, help="lines of web the page's strip shows")
+    g.add_argument("--mqtt", default=None, metavar="mqtt://HOST:PORT/TOPIC",
+                   help="publish events (TOPIC/event), status (TOPIC/status) and controls (TOPIC/control), QoS 1")
+    g.add_argument("--mqtt-outbox", type=int, default=10_000, help="MQTT messages kept until the broker acknowledges "
+                                                                 "them (full: dropped and counted)")
+    g.add_argument("--opcua", default=None, metavar="HOST:PORT", help="serve an OPC UA server (last verdict, counters, "
+                                                                     "last event, reject pulse), e.g. 127.0.0.1:4840")
+    g.add_argument("--reject-offset-lines", type=int, default=0,
+                   help="lines between the camera and the ejector: reject_line = event line_start + this")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = backend default)")
     p.add_argument("--device", default="cpu", help="torch / aoti backends: cpu or cuda[:N] (frames are "
                                                    "resized and normalised on that device, inside the engine)")
@@ -292,7 +360,10 @@ def main(argv=None) -> int:
                              duration_s=args.duration, out_dir=args.out, metrics_port=args.metrics_port,
                              metrics_host=args.metrics_host, webhook=args.webhook, console=console,
                              stop_event=stop, threads=args.threads, device=args.device,
-                             buffers=args.buffers, allow_rejected=args.allow_rejected)
+                             buffers=args.buffers, allow_rejected=args.allow_rejected, ui=args.ui,
+                             ui_token=args.ui_token, ui_strip_lines=args.ui_strip_lines, mqtt=args.mqtt,
+                             mqtt_outbox=args.mqtt_outbox, opcua=args.opcua,
+                             reject_offset_lines=args.reject_offset_lines)
     except (StreamError, ValueError) as e:
         print(f"error: {StreamError(e)}", file=sys.stderr)
         return 2

@@ -1,0 +1,110 @@
+"""The web as an operator sees it: the last N lines of the strip, shrunk to fit a screen, with the
+anomaly heat overlay (the live page's scrolling strip).
+
+The pipeline's postprocess thread calls `update(pipe)` after every band (`Pipeline.on_band`): the
+strip rows that became final since the last call are taken from the pipeline's own rolling buffers
+(`RollingRows` for the image, `StripStitcher.map_rows` for the map), shrunk by `kx` across the web
+and `ky` along it and written into a ring of display rows. The map is max-pooled (a one-pixel defect
+stays visible at any zoom), the image subsampled. That is a few slices per band; the colouring and
+encoding happen in `render()`, on the page's thread, at most as often as the page asks.
+
+Lines that were never scored (dropped, paused) keep no heat; a display row covers lines
+[line, line + ky).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+from .sinks import heat_overlay
+
+
+class WebStrip:
+    def __init__(self, width: int, channels: int, lines: int = 100_000, display_w: int = 1024,
+                 display_h: int = 600):
+        if lines < 1 or display_w < 1 or display_h < 1:
+            raise ValueError(f"--ui-strip-lines {lines!r}: expected a positive number of lines")
+        self.width, self.channels = int(width), int(channels)
+        self.kx = max(1, math.ceil(self.width / display_w))
+        self.w = math.ceil(self.width / self.kx)
+        self.h = int(display_h)
+        self.ky = max(1, math.ceil(int(lines) / self.h))
+        self.lines = self.ky * self.h
+        self._img = np.zeros((self.h, self.w, self.channels), np.uint8)
+        self._map = np.full((self.h, self.w), -np.inf, np.float32)
+        self._block = np.full(self.h, -1, np.int64)      # display row -> block index (line // ky)
+        self._next = 0              # first strip line not taken yet
+        self.lock = threading.Lock()
+        self.version = 0            # bumped on every update that added rows
+        self.newest_line = -1
+
+    def update(self, pipe) -> None:
+        """Take the strip rows that became final (postprocess thread)."""
+        st, pv = pipe.stitcher, pipe.preview
+        y1 = st.preview_end
+        y0 = max(self._next, y1 - st.keep_rows, pv.end - pv.capacity)
+        if y1 <= y0:
+            return
+        img, amap = pv.rows(y0, y1), st.map_rows(y0, y1)
+        self._next = y1
+        if img is None or amap is None:
+            return
+        n, pad = y1 - y0, self.w * self.kx - self.width
+        if pad:
+            amap = np.pad(amap, ((0, 0), (0, pad)), constant_values=-np.inf)
+        cols = amap.reshape(n, self.w, self.kx).max(axis=2)
+        blocks = np.arange(y0, y1) // self.ky
+        starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
+        pooled = np.maximum.reduceat(cols, starts, axis=0)
+        ub = blocks[starts]
+        if len(ub) > self.h:                          # more than a screen at once: keep the newest
+            starts, pooled, ub = starts[-self.h:], pooled[-self.h:], ub[-self.h:]
+        slots = ub % self.h
+        with self.lock:
+            fresh = self._block[slots] != ub
+            self._map[slots[fresh]] = -np.inf
+            self._img[slots[fresh]] = img[starts[fresh], ::self.kx][:, :self.w]
+            self._map[slots] = np.maximum(self._map[slots], pooled)
+            self._block[slots] = ub
+            self.version += 1
+            self.newest_line = y1 - 1
+
+    def on_band(self, pipe):
+        """A `Pipeline.on_band` callback bound to `pipe`, chained after `previous` when there is one."""
+        previous = pipe.on_band
+
+        def hook(band, rec):
+            if previous is not None:
+                previous(band, rec)
+            self.update(pipe)
+        return hook
+
+    def render(self, threshold: float, map_low: float, boxes=()) -> Tuple[Optional[np.ndarray], dict]:
+        """BGR picture, newest lines at the top, and what it shows ({first_line, last_line, ky, kx,
+        rows}); `boxes` are events (dicts with line/col ranges) drawn as yellow rectangles."""
+        with self.lock:
+            newest = int(self._block.max())
+            if newest < 0:
+                return None, {"first_line": None, "last_line": None, "ky": self.ky, "kx": self.kx, "rows": 0}
+            order = (np.arange(newest, newest - self.h, -1)) % self.h
+            blocks = self._block[order]
+            img, amap = self._img[order].copy(), self._map[order].copy()
+            last_line = self.newest_line
+        valid = (blocks == np.arange(newest, newest - self.h, -1)) & (blocks >= 0)
+        img[~valid] = 0
+        amap[~valid] = -np.inf
+        pic = heat_overlay(img, amap, threshold, map_low)
+        top = newest
+        for ev in boxes:
+            r0, r1 = top - ev["line_end"] // self.ky, top - ev["line_start"] // self.ky
+            if r1 < 0 or r0 >= self.h:
+                continue
+            cv2.rectangle(pic, (ev["col_start"] // self.kx - 2, max(0, r0) - 2),
+                          (ev["col_end"] // self.kx + 2, min(self.h - 1, r1) + 2), (0, 255, 255), 1)
+        rows = int(valid.sum())
+        first = int(blocks[valid].min()) * self.ky if rows else None
+        return pic, {"first_line": first, "last_line": last_line, "ky": self.ky, "kx": self.kx, "rows": rows}
