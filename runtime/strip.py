@@ -83,28 +83,31 @@ class WebStrip:
             self.update(pipe)
         return hook
 
-    def render(self, threshold: float, map_low: float, boxes=()) -> Tuple[Optional[np.ndarray], dict]:
-        """BGR picture, newest lines at the top, and what it shows ({first_line, last_line, ky, kx,
-        rows}); `boxes` are events (dicts with line/col ranges) drawn as yellow rectangles."""
+    def view(self):
+        """(image rows, map rows, first line of each row or -1), newest row first; a copy."""
         with self.lock:
             newest = int(self._block.max())
-            if newest < 0:
-                return None, {"first_line": None, "last_line": None, "ky": self.ky, "kx": self.kx, "rows": 0}
-            order = (np.arange(newest, newest - self.h, -1)) % self.h
-            blocks = self._block[order]
-            img, amap = self._img[order].copy(), self._map[order].copy()
-            last_line = self.newest_line
+            order = np.arange(newest, newest - self.h, -1) % self.h
+            blocks, img, amap = self._block[order], self._img[order].copy(), self._map[order].copy()
         valid = (blocks == np.arange(newest, newest - self.h, -1)) & (blocks >= 0)
         img[~valid] = 0
         amap[~valid] = -np.inf
+        return img, amap, np.where(valid, blocks * self.ky, -1)
+
+    def render(self, threshold: float, map_low: float, boxes=()) -> Tuple[Optional[np.ndarray], dict]:
+        """BGR picture, newest lines at the top, and what it shows ({first_line, last_line, ky, kx,
+        rows}); `boxes` are events (dicts with line/col ranges) drawn as yellow rectangles."""
+        img, amap, lines = self.view()
+        meta = {"first_line": None, "last_line": None, "ky": self.ky, "kx": self.kx, "rows": int((lines >= 0).sum())}
+        if lines[0] < 0:
+            return None, meta
         pic = heat_overlay(img, amap, threshold, map_low)
-        top = newest
+        top = int(lines[0]) // self.ky
         for ev in boxes:
             r0, r1 = top - ev["line_end"] // self.ky, top - ev["line_start"] // self.ky
             if r1 < 0 or r0 >= self.h:
                 continue
             cv2.rectangle(pic, (ev["col_start"] // self.kx - 2, max(0, r0) - 2),
                           (ev["col_end"] // self.kx + 2, min(self.h - 1, r1) + 2), (0, 255, 255), 1)
-        rows = int(valid.sum())
-        first = int(blocks[valid].min()) * self.ky if rows else None
-        return pic, {"first_line": first, "last_line": last_line, "ky": self.ky, "kx": self.kx, "rows": rows}
+        meta.update(first_line=int(lines[lines >= 0].min()), last_line=self.newest_line)
+        return pic, meta
