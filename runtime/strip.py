@@ -101,13 +101,14 @@ class WebStrip:
         meta = {"first_line": None, "last_line": None, "ky": self.ky, "kx": self.kx, "rows": int((lines >= 0).sum())}
         if lines[0] < 0:
             return None, meta
-        pic = heat_overlay(img, amap, threshold, map_low)
+        shown = int(np.flatnonzero(lines >= 0)[-1]) + 1      # down to the oldest row held
+        pic = heat_overlay(img[:shown], amap[:shown], threshold, map_low)
         top = int(lines[0]) // self.ky
         for ev in boxes:
             r0, r1 = top - ev["line_end"] // self.ky, top - ev["line_start"] // self.ky
-            if r1 < 0 or r0 >= self.h:
+            if r1 < 0 or r0 >= shown:
                 continue
-            cv2.rectangle(pic, (ev["col_start"] // self.kx - 2, max(0, r0) - 2),
-                          (ev["col_end"] // self.kx + 2, min(self.h - 1, r1) + 2), (0, 255, 255), 1)
+            cv2.rectangle(pic, (ev["col_start"] // self.kx - 1, max(0, r0) - 1),
+                          (ev["col_end"] // self.kx + 1, min(shown - 1, r1) + 1), (0, 255, 255), 1)
         meta.update(first_line=int(lines[lines >= 0].min()), last_line=self.newest_line)
         return pic, meta
