@@ -12,7 +12,8 @@ Messages (JSON, QoS 1):
 Delivery: paho keeps every QoS 1 message until the broker acknowledges it (PUBACK) and sends it
 again after a reconnect (the client reconnects by itself, 0.1 s .. 2 s backoff). Its outbox is
 bounded (`outbox`, messages not yet acknowledged): a publish into a full outbox is dropped and
-counted (`dropped`). The sink's counters: `acked` (the broker has it), `unacked` (in the outbox),
+counted (`dropped`). The sink's counters: `published` (handed to paho), `acked` (the broker has
+it), `unacked` (in the outbox),
 and, at close, what the broker never acknowledged within the deadline (`abandoned`). So every event
 is acked, dropped, failed or abandoned - counted, never lost silently. A subscriber that must not
 miss events across a broker restart uses a persistent session (clean_session=False, QoS 1) and a
@@ -56,8 +57,8 @@ def parse_mqtt_url(url: str) -> Tuple[str, int, str]:
     topic = unquote(u.path.lstrip("/")).rstrip("/")
     if u.scheme != "mqtt" or not u.hostname or not topic:
         raise ValueError(f"--mqtt {url!r}: expected mqtt://HOST[:PORT]/TOPIC (e.g. mqtt://127.0.0.1:1883/line1)")
-    if any(c in topic for c in "+#\0"):
-        raise ValueError(f"--mqtt {url!r}: the topic may not contain + # or NUL")
+    if any(c in topic for c in "+#\0") or "#" in url or u.query:
+        raise ValueError(f"--mqtt {url!r}: the topic may not contain + # ? or NUL")
     return u.hostname, port, topic
 
 
@@ -82,10 +83,15 @@ class MqttSink(Sink):
         self.client.reconnect_delay_set(min_delay=0.1, max_delay=2)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
         self.connected = threading.Event()
+        # message ids handed to paho and not acknowledged yet, and acknowledgements that came
+        # before their publish() returned. Never held while calling paho (paho calls on_publish
+        # holding its own outbox lock).
         self._lock = threading.Lock()
-        self._pending = []           # MQTTMessageInfo of published, not yet acknowledged messages
-        self.counts = {"acked": 0, "unacked": 0, "connects": 0, "disconnects": 0, "status_skipped": 0}
+        self._pending, self._early = set(), set()
+        self.counts = {"published": 0, "acked": 0, "unacked": 0, "connects": 0, "disconnects": 0,
+                       "status_skipped": 0}
         self._last_status = 0.0
         self.client.connect_async(self.host, self.port, keepalive=10)
         self.client.loop_start()
@@ -97,6 +103,14 @@ class MqttSink(Sink):
             self.connected.set()
         else:
             log.warning("mqtt %s:%d refused the connection: %s", self.host, self.port, reason_code)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self._lock:
+            if mid in self._pending:
+                self._pending.discard(mid)
+                self.counts["acked"] += 1
+            else:
+                self._early.add(mid)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self.connected.is_set():
@@ -112,7 +126,12 @@ class MqttSink(Sink):
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):   # NO_CONN: queued, sent on connect
             raise OSError(f"mqtt publish failed: {paho.error_string(info.rc)}")
         with self._lock:
-            self._pending.append(info)
+            self.counts["published"] += 1
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                self.counts["acked"] += 1
+            else:
+                self._pending.add(info.mid)
 
     def write(self, record):
         kind = record["type"]
@@ -136,11 +155,8 @@ class MqttSink(Sink):
 
     def counters(self):
         with self._lock:
-            done = [i for i in self._pending if i.is_published()]
-            self._pending = [i for i in self._pending if not i.is_published()]
-            self.counts["acked"] += len(done)
             self.counts["unacked"] = len(self._pending)
-        return dict(self.counts, connected=int(self.connected.is_set()))
+            return dict(self.counts, connected=int(self.connected.is_set()))
 
     def unacked(self) -> int:
         return self.counters()["unacked"]
