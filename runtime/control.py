@@ -8,7 +8,8 @@ not yet final and the image threshold for that band's tiles, i.e. from the next 
 in the tiling thread (what it already holds is scored; buffers that arrive while paused are counted
 `paused` and the camera keeps running). Each applied change becomes a control record:
 
-    {"control": "thresholds" | "pause" | "resume", "time": ISO-8601 UTC, "t_s": seconds since the
+    {"control": "thresholds" | "pause" | "resume" | "save", "time": ISO-8601 UTC, "t_unix": the same
+     in Unix seconds, "t_s": seconds since the
      stream started, "by": who asked, "from_line": first strip line it applies to,
      "pixel_threshold": ..., "image_threshold": ..., "previous": {...} (thresholds only)}
 
@@ -94,7 +95,8 @@ class Controls:
 
     def record(self, kind: str, from_line: Optional[int], by: str = "api", **fields) -> dict:
         """Store (and return) the record of a change the pipeline just applied."""
-        rec = {"control": kind, "time": wall_iso(), "t_s": round(time.monotonic() - self.t_start, 4),
+        now = time.time()
+        rec = {"control": kind, "time": wall_iso(now), "t_unix": round(now, 6), "t_s": round(time.monotonic() - self.t_start, 4),
                "by": by, "from_line": from_line, **fields}
         with self.lock:
             if kind == "thresholds":

@@ -93,6 +93,7 @@ class MqttSink(Sink):
         self.counts = {"published": 0, "acked": 0, "unacked": 0, "connects": 0, "disconnects": 0,
                        "status_skipped": 0}
         self._last_status = 0.0
+        self._closing = False
         self.client.connect_async(self.host, self.port, keepalive=10)
         self.client.loop_start()
 
@@ -113,7 +114,7 @@ class MqttSink(Sink):
                 self._early.add(mid)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._closing:
             self.counts["disconnects"] += 1
             log.warning("mqtt %s:%d disconnected (%s); reconnecting", self.host, self.port, reason_code)
         self.connected.clear()
@@ -168,5 +169,6 @@ class MqttSink(Sink):
         while self.unacked() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.counts["abandoned_unacked"] = self.unacked()
+        self._closing = True
         self.client.disconnect()
         self.client.loop_stop()

@@ -130,6 +130,15 @@ class OpcUaSink(Sink):
             self._call(self._set(vals))
 
     def _stop_loop(self) -> None:
+        async def cancel_rest():
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+        try:
+            self._call(cancel_rest(), timeout=5)
+        except Exception:   # a task that would not end: the loop stops anyway
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
 

@@ -144,7 +144,10 @@ async function start() {
   showStatus(st.status);
   $("save").disabled = !st.save_possible;
   const es = new EventSource(`/api/stream?since=${st.seq}`);
-  es.onopen = () => { $("conn").textContent = "live"; $("conn").className = "badge on"; };
+  es.onopen = () => {
+    $("conn").textContent = "live"; $("conn").className = "badge on";
+    if (!state.openedAt) state.openedAt = Date.now() / 1000;     // events shown live from here on
+  };
   es.onerror = () => { $("conn").textContent = "reconnecting"; $("conn").className = "badge off"; };
   es.onmessage = (msg) => {
     const m = JSON.parse(msg.data);
