@@ -131,6 +131,15 @@ def page_run(engine, uri, a, pw):
                                                 viewport={"width": 1400, "height": 1000})
     page = ctx.new_page()
     page.goto(f"{url}#token={token}")
+    if a.browser_nice:        # the operator's browser is not on the edge box: here it may only use idle CPU
+        import psutil
+
+        for c in psutil.Process().children(recursive=True):
+            try:
+                if "chrom" in c.name():
+                    c.nice(a.browser_nice)
+            except psutil.Error:
+                pass
     time.sleep(max(0.0, a.seconds - 4.0))
     # the threshold change: 4 s before the end
     line_at_request = run.pipe.stats.lines_scored
@@ -178,7 +187,7 @@ def plant_run(engine, uri, a):
                                        str(tmp / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = broker()
     time.sleep(0.5)
-    got, lock = [], threading.Lock()
+    got = []
     sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-mes", clean_session=False)
     sub.reconnect_delay_set(0.1, 1)
     sub.on_connect = lambda c, u, f, rc, p: c.subscribe("line/#", qos=1)
@@ -264,6 +273,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--plant", action="store_true")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    p.add_argument("--browser-nice", type=int, default=0,
+                   help="renice the Chromium processes (e.g. 19: the page only gets idle CPU, as a browser "
+                        "on the operator's own machine would take none from the stream)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
@@ -273,6 +285,7 @@ def main(argv=None) -> int:
     engine = load_engine(path, frame_hw=(a.tile, a.tile), frame_channels=1)
     uri = sim_uri(a.width, a.rate, a.every, a.seconds + 5)
     out = {"width": a.width, "rate": a.rate, "tile": a.tile, "seconds": a.seconds, "defect_every": a.every,
+           "browser_nice": a.browser_nice, "argv": sys.argv[1:],
            "load_before": open("/proc/loadavg").read().split()[:3], "bare": [], "page": []}
     with sync_playwright() as pw:
         for r in range(a.rounds):

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import threading
-from typing import Optional
 
 from .sinks import Sink
 from .config import parse_address

@@ -29,12 +29,8 @@ from .accounting import format_status
 from .config import DEFAULT_LATENCY_BUDGET_MS
 from .pipeline import Pipeline, StreamConfig
 from .metrics import MetricsServer, metrics_registry
-from .mqtt import MqttSink, parse_mqtt_url
-from .opcua import OpcUaSink
 from .sinks import JsonlSink, OverlaySink, PreviewSink, SinkRunner, WebhookSink, check_http_url
 from .sources import SourceError, open_source
-from .strip import WebStrip
-from .ui import UIServer
 
 STATUS_RECORD_S = 0.25     # live figures to the sinks that take them (MQTT status, OPC UA counters)
 
@@ -123,6 +119,7 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
         if webhook:
             check_http_url(webhook)
         if mqtt:
+            from .mqtt import parse_mqtt_url       # the plant and page modules load only when asked for
             parse_mqtt_url(mqtt)
         if isinstance(reject_offset_lines, bool) or not isinstance(reject_offset_lines, int) \
                 or not 0 <= reject_offset_lines < 1 << 40:
@@ -135,9 +132,14 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
     try:
         metrics = MetricsServer(None, metrics_port, metrics_host) if metrics_port is not None else None
         servers.append(metrics)
-        page = UIServer(ui, ui_token) if ui else None
+        if ui:
+            from .strip import WebStrip
+            from .ui import UIServer
+            page = UIServer(ui, ui_token)
         servers.append(page)
-        plc = OpcUaSink(opcua, reject_offset_lines) if opcua else None
+        if opcua:
+            from .opcua import OpcUaSink
+            plc = OpcUaSink(opcua, reject_offset_lines)
         source = open_source(source_uri)
         source.open()
         if not isinstance(engine, Engine):
@@ -156,6 +158,7 @@ def run_stream(engine: Union[str, pathlib.Path, Engine], source_uri: str, *, bac
         if webhook:
             sinks.append(WebhookSink(webhook))
         if mqtt:
+            from .mqtt import MqttSink
             sinks.append(MqttSink(mqtt, outbox=mqtt_outbox, reject_offset_lines=reject_offset_lines))
         if plc is not None:
             sinks.append(plc)

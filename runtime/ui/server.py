@@ -30,7 +30,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import cv2
 import numpy as np
