@@ -3,10 +3,12 @@ anomaly heat overlay (the live page's scrolling strip).
 
 The pipeline's postprocess thread calls `update(pipe)` after every band (`Pipeline.on_band`): the
 strip rows that became final since the last call are taken from the pipeline's own rolling buffers
-(`RollingRows` for the image, `StripStitcher.map_rows` for the map), shrunk by `kx` across the web
-and `ky` along it and written into a ring of display rows. The map is max-pooled (a one-pixel defect
-stays visible at any zoom), the image subsampled. That is a few slices per band; the colouring and
-encoding happen in `render()`, on the page's thread, at most as often as the page asks.
+(`RollingRows` for the image, `StripStitcher.map_lines` for the map), shrunk by `kx` across the web
+and `ky` along it and written into a ring of display rows. Across the web the map is max-pooled (a
+one-pixel-wide defect stays visible at any zoom); along it, up to SAMPLES_PER_ROW lines of each
+display row are read and max-pooled (a defect shorter than ky / SAMPLES_PER_ROW lines may miss the
+heat, never its event box), and the image is subsampled. That is a few rows per band; the colouring
+and encoding happen in `render()`, on the page's thread, at most as often as the page asks.
 
 Lines that were never scored (dropped, paused) keep no heat; a display row covers lines
 [line, line + ky).
@@ -22,6 +24,8 @@ import numpy as np
 
 from .sinks import heat_overlay
 
+SAMPLES_PER_ROW = 8     # strip lines read per display row (the map's maximum over them)
+
 
 class WebStrip:
     def __init__(self, width: int, channels: int, lines: int = 100_000, display_w: int = 1024,
@@ -34,6 +38,7 @@ class WebStrip:
         self.h = int(display_h)
         self.ky = max(1, math.ceil(int(lines) / self.h))
         self.lines = self.ky * self.h
+        self.row_step = max(1, self.ky // SAMPLES_PER_ROW)
         self._img = np.zeros((self.h, self.w, self.channels), np.uint8)
         self._map = np.full((self.h, self.w), -np.inf, np.float32)
         self._block = np.full(self.h, -1, np.int64)      # display row -> block index (line // ky)
@@ -43,21 +48,29 @@ class WebStrip:
         self.newest_line = -1
 
     def update(self, pipe) -> None:
-        """Take the strip rows that became final (postprocess thread)."""
+        """Take the strip rows that became final (postprocess thread). Of each display row's ky
+        lines, every `row_step`-th is read (at most SAMPLES_PER_ROW of them): at 20 kHz x 4096 px
+        that keeps this to a few rows per band."""
         st, pv = pipe.stitcher, pipe.preview
         y1 = st.preview_end
         y0 = max(self._next, y1 - st.keep_rows, pv.end - pv.capacity)
         if y1 <= y0:
             return
-        img, amap = pv.rows(y0, y1), st.map_rows(y0, y1)
         self._next = y1
+        lines = np.arange(y0, y1)
+        lines = lines[(lines % self.ky) % self.row_step == 0]
+        if not len(lines):
+            return
+        img, amap = pv.lines(lines), st.map_lines(lines)
         if img is None or amap is None:
             return
-        n, pad = y1 - y0, self.w * self.kx - self.width
+        pad = self.w * self.kx - self.width
         if pad:
             amap = np.pad(amap, ((0, 0), (0, pad)), constant_values=-np.inf)
-        cols = amap.reshape(n, self.w, self.kx).max(axis=2)
-        blocks = np.arange(y0, y1) // self.ky
+        cols = amap[:, 0::self.kx].copy()             # max over each kx columns (strided: fast for small kx)
+        for j in range(1, self.kx):
+            np.maximum(cols, amap[:, j::self.kx], out=cols)
+        blocks = lines // self.ky
         starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
         pooled = np.maximum.reduceat(cols, starts, axis=0)
         ub = blocks[starts]

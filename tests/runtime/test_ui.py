@@ -35,10 +35,10 @@ class _Stitcher:
     def __init__(self, full_map, keep_rows):
         self.full, self.keep_rows, self.preview_end = full_map, keep_rows, 0
 
-    def map_rows(self, y0, y1):
-        if y1 - y0 > self.keep_rows or y0 < self.preview_end - self.keep_rows or y1 > self.preview_end:
+    def map_lines(self, lines):
+        if lines[0] < self.preview_end - self.keep_rows or lines[-1] >= self.preview_end:
             return None
-        return self.full[y0:y1].copy()
+        return self.full[lines].copy()
 
 
 class _Pipe:
@@ -47,7 +47,8 @@ class _Pipe:
         self.preview = RollingRows(keep, width, channels)
 
 
-@pytest.mark.parametrize("width,channels,lines,dw,dh", [(250, 1, 1000, 64, 37), (97, 3, 300, 200, 300)])
+@pytest.mark.parametrize("width,channels,lines,dw,dh", [(250, 1, 1000, 64, 37), (97, 3, 300, 200, 300),
+                                                        (130, 1, 5000, 64, 50)])
 def test_strip_is_the_max_pooled_newest_lines(width, channels, lines, dw, dh):
     rng = np.random.default_rng(width)
     total = 5 * lines + 13
@@ -66,8 +67,8 @@ def test_strip_is_the_max_pooled_newest_lines(width, channels, lines, dw, dh):
             pipe.stitcher.preview_end = total
         strip.update(pipe)
     img, got, first = strip.view()
-    kx, ky = strip.kx, strip.ky
-    assert kx == -(-width // dw) and ky == -(-lines // dh)
+    kx, ky, step = strip.kx, strip.ky, strip.row_step
+    assert kx == -(-width // dw) and ky == -(-lines // dh) and step == max(1, ky // 8)
     newest = (total - 1) // ky
     padded = np.pad(amap, ((0, 0), (0, strip.w * kx - width)), constant_values=-np.inf)
     for r in range(dh):
@@ -75,7 +76,7 @@ def test_strip_is_the_max_pooled_newest_lines(width, channels, lines, dw, dh):
         if b < 0:
             assert first[r] == -1
             continue
-        ref = padded[b * ky:(b + 1) * ky].reshape(-1, strip.w, kx).max(axis=(0, 2))
+        ref = padded[b * ky:(b + 1) * ky:step].reshape(-1, strip.w, kx).max(axis=(0, 2))   # sampled lines
         assert first[r] == b * ky
         np.testing.assert_array_equal(got[r], ref)
         np.testing.assert_array_equal(img[r], image[b * ky, ::kx])
