@@ -141,6 +141,7 @@ class Pipeline:
         self._inflight_bands: Dict[int, Band] = {}     # taken by the inference thread, not yet posted
         self._reorder: Dict[int, tuple] = {}
         self._call_s = 0.0                              # running mean of one engine call (late prediction)
+        self._last_call_ns = 0                          # when the last engine call ended
         self._ready = True
         return self
 
@@ -436,7 +437,9 @@ class Pipeline:
                 log.warning("engine error on %d tiles: %s", frames.shape[0], e)
             dt = time.perf_counter() - t0
             st.hist.engine_call.observe(dt)
-            self._call_s = dt if not self._call_s else 0.8 * self._call_s + 0.2 * dt
+            if st.engine_calls:       # the first call pays the engine's lazy set-up: not a prediction
+                self._call_s = dt if not self._call_s else 0.8 * self._call_s + 0.2 * dt
+            self._last_call_ns = time.monotonic_ns()
             with st.lock:
                 st.engine_calls += 1
                 st.engine_time_s += dt
@@ -466,6 +469,8 @@ class Pipeline:
     def _predicted_late(self, band: Band, tiles_ahead: int) -> bool:
         if self.budget_ns is None:
             return False
+        if tiles_ahead == 0 and time.monotonic_ns() - self._last_call_ns > self.budget_ns:
+            return False   # no call for a whole budget: the prediction is stale, measure again
         calls = -(-(tiles_ahead + band.n_tiles) // self.max_batch)
         return time.monotonic_ns() + int(calls * self._call_s * 1e9) - band.t_ns > self.budget_ns
 
