@@ -11,11 +11,11 @@ counters per sink (the summary and /metrics read it). New sinks (MQTT, OPC UA, .
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import pathlib
-import queue
 import threading
 import time
 import urllib.error
@@ -169,54 +169,73 @@ COUNTERS = ("written", "dropped", "failed", "retries", "abandoned")
 
 
 class _Lane:
-    """One sink's queue, thread and counters."""
+    """One sink's bounded queue, thread and counters. Every record offered ends in exactly one
+    counter: written, failed, dropped (queue full) or abandoned (still queued or being written when
+    the runner closed); the lock makes taking a record and closing exclusive, so none is lost
+    between them."""
 
     def __init__(self, sink: Sink, stop: threading.Event):
         self.sink, self.stop = sink, stop
-        self.q: queue.Queue = queue.Queue(max(1, int(sink.queue_size)))
+        self.size = max(1, int(sink.queue_size))
+        self.items: collections.deque = collections.deque()
+        self.cond = threading.Condition()
         self.counts = dict.fromkeys(COUNTERS, 0)
+        self.taken = 0              # records taken off the queue by the thread
+        self.closed = False
         self.last_error: Optional[str] = None
-        self.busy = False          # a write is in progress
-        self.stop_counting = False  # set at close when the write in progress was counted abandoned
         self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
 
     def offer(self, rec: dict) -> None:
-        try:
-            self.q.put_nowait(rec)
-        except queue.Full:
-            self.counts["dropped"] += 1
+        with self.cond:
+            if self.closed or len(self.items) >= self.size:
+                self.counts["dropped"] += 1
+                return
+            self.items.append(rec)
+            self.cond.notify()
 
     def _run(self) -> None:
-        while not (self.stop.is_set() and self.q.empty()):
-            try:
-                rec = self.q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            self.busy = True
-            self._write(rec)
-            self.busy = False
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.items or self.stop.is_set(), timeout=0.25)
+                if self.closed or (not self.items and self.stop.is_set()):
+                    return
+                if not self.items:
+                    continue
+                rec = self.items.popleft()
+                self.taken += 1
+            outcome = self._write(rec)
+            with self.cond:
+                if self.closed:       # counted as abandoned when the runner closed
+                    return
+                self.counts[outcome] += 1
 
-    def _write(self, rec: dict) -> None:
+    def _write(self, rec: dict) -> str:
         sink = self.sink
         for attempt in range(sink.retries + 1):
             try:
                 sink.write(rec)
-                if not self.stop_counting:
-                    self.counts["written"] += 1
-                return
+                return "written"
             except Exception as e:   # a failing sink is counted and retried; it never stops others
                 self.last_error = f"{type(e).__name__}: {e}"
                 if attempt == sink.retries or self.stop.wait(sink.backoff_s * 2 ** attempt):
                     break
                 self.counts["retries"] += 1
-        if self.stop_counting:     # already counted as abandoned at close
-            return
-        if self.counts["failed"] == 0 or self.counts["failed"] % 100 == 0:   # not one line per event
+        if self.counts["failed"] % 100 == 0:   # the first failure and every 100th, not one line per event
             log.warning("sink %s: write failed (%s)", sink.name, self.last_error)
-        self.counts["failed"] += 1
+        return "failed"
+
+    def close(self) -> None:
+        """Stop counting: what is queued or being written now is abandoned."""
+        with self.cond:
+            self.closed = True
+            in_flight = self.taken - self.counts["written"] - self.counts["failed"]
+            self.counts["abandoned"] += len(self.items) + in_flight
+            self.items.clear()
+            self.cond.notify_all()
 
     def snapshot(self) -> dict:
-        return {**self.counts, "queued": self.q.qsize(), "last_error": self.last_error}
+        with self.cond:
+            return {**self.counts, "queued": len(self.items), "last_error": self.last_error}
 
 
 class SinkRunner:
@@ -297,20 +316,16 @@ class SinkRunner:
         """Let the sinks finish what is queued for at most `timeout` s (retries stop waiting),
         count what is left as abandoned, close the sinks whose thread ended; the final counters."""
         self.stop_event.set()
+        for lane in self.lanes:
+            with lane.cond:
+                lane.cond.notify_all()
         deadline = time.monotonic() + timeout
         for lane in self.lanes:
             if lane.thread.is_alive():
                 lane.thread.join(max(0.0, deadline - time.monotonic()))
         for lane in self.lanes:
-            while True:
-                try:
-                    lane.q.get_nowait()
-                except queue.Empty:
-                    break
-                lane.counts["abandoned"] += 1
+            lane.close()
             if lane.thread.is_alive():   # stuck in a write (a peer that never answers): leave it
-                lane.counts["abandoned"] += lane.busy
-                lane.stop_counting = True
                 log.warning("sink %s still busy at close; %d records abandoned", lane.sink.name,
                             lane.counts["abandoned"])
                 continue
