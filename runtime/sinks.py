@@ -34,11 +34,13 @@ log = logging.getLogger("runtime.sinks")
 
 class Sink:
     """Base: `write(record)` and `close()`; a context manager. Class attributes say how the runner
-    treats it: `accepts` (record types), `queue_size`, `retries` / `backoff_s` (a write that raises
-    is tried again after backoff_s, 2 x backoff_s, ...)."""
+    treats it: `accepts` (record types), `pixels` (event records with the crop around the defect
+    and its map; others get the event alone, so a stuck sink's full queue stays small), `queue_size`,
+    `retries` / `backoff_s` (a write that raises is tried again after backoff_s, 2 x backoff_s, ...)."""
 
     name = "sink"
     accepts = ("event",)
+    pixels = False          # event records carry the strip crop and its map ("crop", "map")
     queue_size = 256
     retries = 0
     backoff_s = 0.2
@@ -92,6 +94,7 @@ class OverlaySink(Sink):
     """PNG per event: the strip around the defect with the map and its box (at most max_files)."""
 
     name = "overlays"
+    pixels = True
 
     def __init__(self, folder, max_files: int = 500):
         self.folder = pathlib.Path(folder)
@@ -262,8 +265,14 @@ class SinkRunner:
         lanes = self._wants("event")
         if not lanes:
             return
-        rec = {"type": "event", "event": ev.to_dict(), "threshold": pipe.pixel_threshold,
-               "map_low": pipe.map_low, "crop": None}
+        lean = {"type": "event", "event": ev.to_dict()}
+        for lane in lanes:
+            if not lane.sink.pixels:
+                lane.offer(lean)
+        lanes = [lane for lane in lanes if lane.sink.pixels]
+        if not lanes:
+            return
+        rec = {**lean, "threshold": pipe.pixel_threshold, "map_low": pipe.map_low, "crop": None}
         pad = 32
         y0, y1 = ev.line_start - pad, ev.line_end + 1 + pad
         x0, x1 = max(0, ev.col_start - pad), min(pipe.assembler.width, ev.col_end + 1 + pad)
