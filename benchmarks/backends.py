@@ -172,9 +172,12 @@ class Runner:
                 raise Unavailable("AOTInductor on CPU needs a C++ compiler (g++ or clang++), none found")
             from export.aoti import export_aoti
 
-            path = export_aoti(self.model, self.workdir / f"aoti_{self.device.replace(':', '')}" / "model.pt2",
-                               frame_hw=(self.size, self.size), frame_channels=3, max_batch=self.max_batch,
-                               device=self.device, check=False, quiet=True).path
+            path = self.workdir / f"aoti_{self.device.replace(':', '')}_b{self.max_batch}" / "model.pt2"
+            if path.is_file():   # left by an earlier run of the same model in latency.py --workdir
+                self.notes.append("package reused from --workdir (load_s excludes its export)")
+            else:
+                export_aoti(self.model, path, frame_hw=(self.size, self.size), frame_channels=3,
+                            max_batch=self.max_batch, device=self.device, check=False, quiet=True)
         self.artifact = str(path)
         self.engine = load_engine(path, backend=self.backend, device=self.device)
 

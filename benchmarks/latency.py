@@ -2,7 +2,7 @@
 
     python benchmarks/latency.py --ckpt model.pt [--backends torch,torch-compile,ort-cpu,ort-cuda,ort-trt,tensorrt,aoti]
         [--batch 1,8,32] [--precision fp32,fp16,int8] [--size 256] [--device cpu|cuda] [--reps N]
-        [--quick] [--out DIR] [--compare OLD.json] [--make-bench]
+        [--quick] [--out DIR] [--compare OLD.json] [--make-bench] [--workdir DIR]
 
 What one row measures: `Engine.infer` of a deploy engine (benchmarks/backends.py) - the call
 runtime.stream and runtime.serve make: host uint8 frames (B, S, S, 3) NHWC in, host numpy
@@ -326,6 +326,9 @@ def parse_args(argv=None):
                    help="what `make bench` runs: small DVAD trained briefly on synthetic data, the CPU set, "
                         "benchmarks/out/latency.md and the block at the end of benchmarks/RESULTS.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--workdir", default=None,
+                   help="keep exported artifacts here and reuse those an earlier run of the same model left "
+                        "(default: a temporary folder, removed afterwards)")
     p.add_argument("--ort-threads", type=int, default=0,
                    help="intra-op threads of the ONNX Runtime sessions (default 0: the engine's default)")
     p.add_argument("--ort-profile", type=int, default=0, metavar="N",
@@ -410,11 +413,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[bench] model: {source}")
-    work = tempfile.mkdtemp(prefix="edge_ad_latency_")
+    work = a.workdir or tempfile.mkdtemp(prefix="edge_ad_latency_")
     try:
         result = run_benchmark(model, ref, s, work, progress=not a.no_progress)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
     result["model_source"] = source
     if old is not None:
         result["compare"] = {"against": str(a.compare), "rows": compare_results(result, old)}

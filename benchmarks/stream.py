@@ -1,6 +1,7 @@
 """Stream throughput vs. the same engine's bare throughput, and latency at a paced line rate.
 
     python benchmarks/stream.py [--engine ARTIFACT] [--width 1024] [--tile 128] [--seconds 8]
+        [--device cpu|cuda]
 
 Three measurements in one run, on the same engine and the same kind of tiles:
   bare     engine.infer on batches of --max-batch tiles in a loop (tiles/s); bare and stream
@@ -27,8 +28,8 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):   # run as a script: the repo root before benchmarks/ (whose kernels.py
+    sys.path.insert(0, str(ROOT))  # would shadow the kernels package)
 
 from deploy import load_engine  # noqa: E402
 from deploy.graph import DeployModule  # noqa: E402
@@ -118,12 +119,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--load", type=float, default=0.7, help="paced run at this fraction of stream capacity")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch / aoti engines: cpu or cuda[:N]")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
     tmp = tempfile.TemporaryDirectory()
     path = pathlib.Path(a.engine) if a.engine else fit_standin(pathlib.Path(tmp.name), a.tile, a.width)
-    engine = load_engine(path, backend=a.backend, frame_hw=(a.tile, a.tile), frame_channels=1, threads=a.threads)
+    engine = load_engine(path, backend=a.backend, frame_hw=(a.tile, a.tile), frame_channels=1, threads=a.threads,
+                         device=a.device)
     tile = engine.frame_hw[0] if engine.frame_hw else a.tile
     src = open_source(sim_uri(a.width, 0, 64, seed=7))
     strip = src.strip_lines(0, tile)

@@ -240,7 +240,8 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
     return (float(rho) if np.isfinite(rho) else 0.0), (float(tau) if np.isfinite(tau) else 0.0)
 
 
-# the parity gate checks artifacts on the CPU this machine certainly has
+# the parity gate checks artifacts on the CPU this machine certainly has (AOTInductor packages
+# compiled for CUDA: on the GPU they were compiled on)
 _CPU_BACKEND = {".onnx": "ort-cpu", ".pt2": "aoti"}
 
 
@@ -287,7 +288,10 @@ def check_artifact(ckpt, artifact, images=None, n: int = 8, tolerances=None, see
         ref = reference.infer(frames)
     own = engine is None
     if own:
-        engine = load_engine(artifact, backend=_CPU_BACKEND.get(pathlib.Path(artifact).suffix.lower()), meta=meta)
+        suffix = pathlib.Path(artifact).suffix.lower()
+        # an AOTInductor package runs only on the device it was compiled for (its metadata says which)
+        device = (ex.get("device") or "cpu") if suffix == ".pt2" else "cpu"
+        engine = load_engine(artifact, backend=_CPU_BACKEND.get(suffix), meta=meta, device=device)
     try:
         batches = [engine.static_batch] if engine.static_batch else sorted({1, len(frames)})
         comps, failures, got_scores = _compare_batches(engine, frames, ref, batches, tolerances)

@@ -1,7 +1,13 @@
-"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit module loads."""
+"""Test configuration. TRITON_INTERPRET must be set before any @triton.jit module loads: without
+a CUDA device the Triton kernels run under the interpreter (numpy, on CPU); with one they run on
+the GPU. An explicit TRITON_INTERPRET in the environment wins (benchmarks/gpu_check.py sets 0 on
+the GPU and 1 in its CPU dry run)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 import pathlib  # noqa: E402
 
@@ -44,17 +50,29 @@ def onnx_artifact(padim_checkpoint, tmp_path_factory):
 
 # ---- optional stacks: which tests each one ran (docs: .ci/run) -------------------------------
 # `@pytest.mark.stack(name)` tags a test that exercises an optional stack (camera simulators,
-# Triton serving, TensorRT, CUDA). The tally per stack is printed at the end of the run and, with
-# EDGE_AD_STACK_REPORT=FILE, written as JSON; .ci/check_stacks.py fails CI when a stack that
-# installed still had tests skip.
+# Triton serving, TensorRT, CUDA; `cuda` tests run the Triton kernels under the interpreter where
+# no GPU is); `pytest --stack NAME` runs only those. The tally per stack is printed at the end of
+# the run and, with EDGE_AD_STACK_REPORT=FILE, written as JSON; .ci/check_stacks.py fails CI when
+# a stack that installed still had tests skip.
 _STACK_OF = {}
 _STACK_TALLY = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--stack", action="append", default=[], metavar="NAME",
+                     help="run only the tests tagged @pytest.mark.stack(NAME) (repeatable); `--stack cuda` is "
+                          "the GPU check's correctness step (benchmarks/gpu_check.py)")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for mark in item.iter_markers("stack"):
             _STACK_OF.setdefault(item.nodeid, set()).add(mark.args[0])
+    want = set(config.getoption("stack"))
+    if want:
+        keep = [i for i in items if _STACK_OF.get(i.nodeid, set()) & want]
+        config.hook.pytest_deselected(items=[i for i in items if not _STACK_OF.get(i.nodeid, set()) & want])
+        items[:] = keep
 
 
 def pytest_runtest_logreport(report):

@@ -89,6 +89,7 @@ def test_device_memory_on_cpu_reports_nothing():
     assert "not a CUDA" in dm.method
 
 
+@pytest.mark.stack("cuda")
 def test_cuda_clock_measures_device_work():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -98,6 +98,7 @@ def test_auto_tries_each_backend_in_order_and_lists_every_reason():
     assert cb.usable("auto") is None
 
 
+@pytest.mark.stack("cuda")
 def test_auto_picks_the_first_usable_backend_in_design_order():
     exp = {n: _expected(n) for n in cb.BACKENDS}
     usable = [n for n in cb.BACKENDS if exp[n] is None]
@@ -126,6 +127,7 @@ def _open(name):
 
 
 @pytest.mark.parametrize("name", cb.BACKENDS)
+@pytest.mark.stack("cuda")
 def test_host_device_host_round_trip(name):
     rng = np.random.default_rng()
     with _open(name) as b:
@@ -201,6 +203,7 @@ def test_cuda_python_device_count_failures_are_classified(result, kind, text):
     assert text in str(ei.value)
 
 
+@pytest.mark.stack("cuda")
 def test_a_failed_copy_on_a_real_device_names_the_call():
     rt = _rt_or_skip()
     b = _open("cuda-python")

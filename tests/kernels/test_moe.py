@@ -6,21 +6,22 @@ from kernels import moe_gate, moe_gate_ref
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3, 5, 7), (2, 4, 5, 3, 3), (3, 3, 6, 4, 9)])
-def test_moe_gate_matches_reference(shape):
+def test_moe_gate_matches_reference(shape, device):
+    """On CUDA the public op runs the Triton kernel."""
     b, m, c, h, w = shape
     torch.manual_seed(sum(shape))
     logits = torch.randn(b, m, h, w) * 4
     experts = torch.randn(b, m, c, h, w)
-    out = moe_gate(logits, experts)
-    assert out.shape == (b, c, h, w) and out.dtype == experts.dtype
-    torch.testing.assert_close(out, moe_gate_ref(logits, experts), rtol=1e-5, atol=1e-6)
+    out = moe_gate(logits.to(device), experts.to(device))
+    assert out.shape == (b, c, h, w) and out.dtype == experts.dtype and out.device.type == device
+    torch.testing.assert_close(out.cpu(), moe_gate_ref(logits, experts), rtol=1e-5, atol=1e-6)
 
 
-def test_moe_gate_large_logits_finite():
+def test_moe_gate_large_logits_finite(device):
     torch.manual_seed(3)
     logits = torch.randn(2, 4, 3, 3) * 1e4
     experts = torch.randn(2, 4, 5, 3, 3)
-    out = moe_gate(logits, experts)
+    out = moe_gate(logits.to(device), experts.to(device)).cpu()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, moe_gate_ref(logits, experts), rtol=1e-5, atol=1e-6)
 
@@ -37,17 +38,17 @@ def test_moe_gate_shape_errors():
         moe_gate(torch.randn(1, 2, 3, 3), torch.randn(1, 3, 4, 3, 3))
 
 
-def test_moe_gate_op_registration_and_backward():
+def test_moe_gate_op_registration_and_backward(device):
     torch.manual_seed(5)
-    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
-    experts = torch.randn(2, 3, 6, 4, 5, requires_grad=True)
+    logits = torch.randn(2, 3, 4, 5).to(device).requires_grad_(True)
+    experts = torch.randn(2, 3, 6, 4, 5).to(device).requires_grad_(True)
     torch.library.opcheck(torch.ops.edgead.moe_gate.default, (logits, experts))
     go = torch.randn(2, 6, 4, 5)
-    g1 = torch.autograd.grad((moe_gate(logits, experts) * go).sum(), (logits, experts))
-    ld, ed = logits.detach().double().requires_grad_(), experts.detach().double().requires_grad_()
+    g1 = torch.autograd.grad((moe_gate(logits, experts) * go.to(device)).sum(), (logits, experts))
+    ld, ed = (t.detach().cpu().double().requires_grad_() for t in (logits, experts))
     g2 = torch.autograd.grad((moe_gate_ref(ld, ed) * go.double()).sum(), (ld, ed))
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.cpu().double(), b, rtol=1e-5, atol=1e-6)
 
 
 def test_moe_gate_exports_to_onnx_as_standard_ops():
@@ -83,6 +84,7 @@ def _triton_device():
 @pytest.mark.parametrize("shape,dtype", [((2, 4, 5, 3, 7), torch.float32),
                                          ((1, 3, 33, 5, 5), torch.float32),
                                          ((1, 8, 6, 4, 4), torch.float16)])
+@pytest.mark.stack("cuda")
 def test_triton_moe_gate_matches_reference(shape, dtype):
     from kernels.moe import _moe_gate_fwd
     dev = _triton_device()

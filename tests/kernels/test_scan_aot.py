@@ -43,6 +43,7 @@ SHAPES = [(2, 6, 37, 5, 2), (1, 9, 19, 16, 3), (2, 4, 17, 3, 4), (1, 5, 33, 7, 1
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(
     n for n, on in zip(("D", "z", "bias", "softplus"), c) if on) or "plain")
+@pytest.mark.stack("cuda")
 def test_matches_reference_every_option(combo):
     with_D, with_z, with_bias, softplus = combo
     shape = SHAPES[COMBOS.index(combo) % len(SHAPES)]
@@ -54,6 +55,7 @@ def test_matches_reference_every_option(combo):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.stack("cuda")
 def test_half_io_steep_decays(dtype):
     kw = make_scan_inputs(2, 6, 23, 8, 2, seed=41, dtype=dtype, steep=True, device=_device())
     kw["delta"] = kw["delta"] * 8  # with steep A: exp(delta * A) underflows to 0 for many channels
@@ -63,6 +65,7 @@ def test_half_io_steep_decays(dtype):
     torch.testing.assert_close(y.cpu().float(), _ref(kw).to(dtype).float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.stack("cuda")
 def test_very_steep_fp32_finite():
     kw = make_scan_inputs(1, 4, 29, 16, 2, seed=3, steep=True, device=_device())
     kw["delta"] = kw["delta"] * 30  # softplus(delta) up to ~100 -> exp(-1e6)
@@ -70,6 +73,7 @@ def test_very_steep_fp32_finite():
     assert torch.isfinite(y).all() and _rel_err(y, _ref(kw)) <= 1e-5
 
 
+@pytest.mark.stack("cuda")
 def test_plugin_node_form_zeros_are_exact():
     """The ONNX plugin node always passes D and delta_bias (zeros when absent) and z = u with
     has_z = 0; the kernel must give the same answer as the call without them."""
@@ -82,6 +86,7 @@ def test_plugin_node_form_zeros_are_exact():
     assert _rel_err(y_plain, _ref(kw)) <= 1e-5
 
 
+@pytest.mark.stack("cuda")
 def test_non_contiguous_inputs():
     kw = make_scan_inputs(2, 4, 13, 5, 2, seed=12, device=_device())
     kw["B"] = kw["B"].transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, L-major strides
@@ -235,6 +240,7 @@ def test_cli_writes_ptx(ptx_builds, tmp_path, capsys):
     assert "sm_90" in capsys.readouterr().out
 
 
+@pytest.mark.stack("cuda")
 def test_compiled_ptx_launched_with_tensorrt_argument_order():
     """On a GPU: the PTX itself (not Triton's launcher) loaded by the CUDA driver and launched the
     way TensorRT's AOT plugin does - (inputs..., dim, length, groups, y), grid / block / shared

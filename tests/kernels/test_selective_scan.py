@@ -19,16 +19,25 @@ FLAGS = [dict(with_D=True, with_z=True, with_bias=True, softplus=True),
 
 
 def _rel_err(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    return ((a.cpu().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _on(fn, kw, device):
+    """fn(**kw) with the tensors on `device` (on CUDA the public op runs the Triton kernel);
+    (y, last state) back on the CPU."""
+    y, h = fn(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()},
+              return_last_state=True)
+    assert y.device.type == h.device.type == torch.device(device).type
+    return y.cpu(), h.cpu()
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(k for k, v in f.items() if v) or "plain")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fn", [selective_scan_chunked, selective_scan], ids=["chunked", "public"])
-def test_matches_reference_fp32(fn, shape, flags):
+def test_matches_reference_fp32(fn, shape, flags, device):
     b, d, L, n, g = shape
     kw = make_scan_inputs(b, d, L, n, g, seed=L * 7 + d, **flags)
-    y, h = fn(**kw, return_last_state=True)
+    y, h = _on(fn, kw, device)
     y_ref, h_ref = selective_scan_ref(**to_double(kw), return_last_state=True)
     assert y.dtype == torch.float32 and y.shape == (b, d, L) and h.shape == (b, d, n)
     assert _rel_err(y, y_ref) <= 1e-5
@@ -36,19 +45,20 @@ def test_matches_reference_fp32(fn, shape, flags):
 
 
 @pytest.mark.parametrize("length", [1, 13, 257])
-def test_large_decays_finite(length):
+@pytest.mark.parametrize("fn", [selective_scan_chunked, selective_scan], ids=["chunked", "public"])
+def test_large_decays_finite(fn, length, device):
     kw = make_scan_inputs(2, 6, length, 16, 2, seed=5, steep=True)
     kw["delta"] = kw["delta"] * 30  # softplus(delta) up to ~100 -> exp(-1e6): full underflow
-    y, h = selective_scan_chunked(**kw, return_last_state=True)
+    y, h = _on(fn, kw, device)
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
     y_ref, h_ref = selective_scan_ref(**to_double(kw), return_last_state=True)
     assert _rel_err(y, y_ref) <= 1e-5 and _rel_err(h, h_ref) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_fp32_state(dtype):
+def test_half_inputs_fp32_state(dtype, device):
     kw = make_scan_inputs(1, 6, 41, 8, 2, seed=9, dtype=dtype)
-    y, h = selective_scan(**kw, return_last_state=True)
+    y, h = _on(selective_scan, kw, device)
     assert y.dtype == dtype and h.dtype == torch.float32
     y_ref, h_ref = selective_scan_ref(**to_double(kw), return_last_state=True)
     # inputs are identical; only the output rounding to half differs
@@ -57,20 +67,23 @@ def test_half_inputs_fp32_state(dtype):
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=["all", "plain", "D-bias", "z-softplus"])
-def test_gradients_match_reference(flags):
+def test_gradients_match_reference(flags, device):
+    """On CUDA the public op's forward is the Triton kernel and its backward the chunked
+    standard-op form on the GPU."""
     kw = make_scan_inputs(2, 6, 23, 4, 2, seed=11, **flags)
     names = [k for k, v in kw.items() if torch.is_tensor(v)]
 
-    def grads(fn, inputs):
-        leaves = {k: inputs[k].detach().clone().requires_grad_(True) for k in names}
+    def grads(fn, inputs, dev="cpu"):
+        leaves = {k: inputs[k].detach().to(dev).requires_grad_(True) for k in names}
         y, h = fn(**{**inputs, **leaves}, return_last_state=True)
         gen = torch.Generator().manual_seed(1)
-        loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum() + (h ** 2).sum()
-        return torch.autograd.grad(loss, [leaves[k] for k in names])
+        w = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dev, y.dtype)
+        loss = (y * w).sum() + (h ** 2).sum()
+        return [g.cpu() for g in torch.autograd.grad(loss, [leaves[k] for k in names])]
 
     g_ref = grads(selective_scan_ref, to_double(kw))
     for fn in (selective_scan_chunked, selective_scan):
-        for k, a, r in zip(names, grads(fn, kw), g_ref):
+        for k, a, r in zip(names, grads(fn, kw, device), g_ref):
             assert _rel_err(a, r) <= 1e-4, (fn.__name__, k)
 
 
@@ -131,6 +144,7 @@ def _triton_device():
     ((1, 3, 19, 4, 1), FLAGS[2], 2),
     ((2, 4, 9, 3, 2), FLAGS[3], None),
 ], ids=["all-1split", "plain-3splits", "D-bias-2splits", "z-softplus-auto"])
+@pytest.mark.stack("cuda")
 def test_triton_forward_matches_reference(shape, flags, splits):
     from kernels.selective_scan import _selective_scan_fwd
     dev = _triton_device()
@@ -142,6 +156,7 @@ def test_triton_forward_matches_reference(shape, flags, splits):
     assert _rel_err(y.cpu(), y_ref) <= 1e-5 and _rel_err(h.cpu(), h_ref) <= 1e-5
 
 
+@pytest.mark.stack("cuda")
 def test_triton_forward_half_and_steep_decays():
     from kernels.selective_scan import _selective_scan_fwd
     dev = _triton_device()
