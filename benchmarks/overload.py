@@ -7,6 +7,8 @@
 2. for each load L: the camera at L x capacity (the Aravis fake GigE camera on 127.0.0.1 when
    Aravis is installed, else the line simulator), --overload drop-oldest, once without a budget
    and once with --latency-budget-ms; latency = a band's newest line's capture -> its verdict
+3. --sigterm S: `python -m runtime.stream` at the highest load in each --overload mode, with a
+   webhook that never answers, SIGTERM after S seconds: seconds until it exits with its summary
 
 Queues bound the work in flight by count; without a budget the latency of an overloaded stream is
 the time its queues take to drain. With the budget, lines that cannot get a verdict in time are
@@ -18,7 +20,11 @@ import argparse
 import json
 import os
 import pathlib
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from typing import Optional
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,6 +78,31 @@ def markdown(rows) -> str:
     return "\n".join(out)
 
 
+def sigterm_to_exit(engine, uri: str, overload: str, after_s: float) -> dict:
+    """Run the stream CLI (dead webhook included), SIGTERM it after `after_s`: seconds to exit."""
+    from benchmarks.soak import SilentPeer
+
+    peer = SilentPeer()
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.stream", "--engine", str(engine), "--source", uri,
+                                 "--overload", overload, "--quiet", "--out", out,
+                                 "--webhook", f"http://127.0.0.1:{peer.port}/x"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(after_s)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            peer.close()
+        s = json.loads((pathlib.Path(out) / "summary.json").read_text())
+    return {"overload": overload, "rc": rc, "sigterm_to_exit_s": took, "hard_stopped": s["hard_stopped"],
+            "shutdown_lines": s["dropped"]["shutdown"], "accounting_ok": s["accounting_ok"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", required=True)
@@ -83,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--capacity-s", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--sigterm", type=float, default=0.0, help="also time SIGTERM -> exit after this many s (0 = no)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     cam = fake_camera() if a.source in ("auto", "aravis") else None
@@ -102,8 +134,14 @@ def main(argv=None) -> int:
                            overload="drop-oldest", latency_budget_ms=budget, threads=a.threads)
             rows.append(row(s, load, rate, budget))
             print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    stops = []
+    if a.sigterm:
+        top = max(float(x) for x in a.loads.split(",")) * capacity
+        stops = [sigterm_to_exit(a.engine, source_uri(kind, a.width, top, a.lines), mode, a.sigterm)
+                 for mode in ("drop-oldest", "block")]
     res = {"engine": cap_s["engine"], "source": kind, "width": a.width, "lines_per_buffer": a.lines,
-           "capacity_lines_per_s": capacity, "seconds": a.seconds, "rows": rows, "load_average": os.getloadavg()}
+           "capacity_lines_per_s": capacity, "seconds": a.seconds, "rows": rows, "sigterm": stops,
+           "load_average": os.getloadavg()}
     text = json.dumps(res, indent=2, default=str)
     print(markdown(rows) + "\n" + text)
     if a.json:

@@ -3,7 +3,8 @@ sampling the process's memory, file descriptors and threads.
 
     python benchmarks/soak.py [--engine ARTIFACT] [--minutes 30] [--load 1.5] [--json out.json]
 
-1. capacity: the stream's own throughput (lines/s) on this machine, unpaced, for --capacity-s
+1. capacity: the stream's own steady-state throughput (lines/s) on this machine, unpaced, over
+   --capacity-s after a 3 s warm-up, with the soak's --threads
 2. soak: `python -m runtime.stream` on a simulated line camera at --load x capacity with buffer
    drops and corrupt buffers (probability --fault-p each), a 0.5 s stall every 45 s, a disconnect
    every 90 s, a defect every ~2 s, its events posted to a webhook that accepts connections and
@@ -87,11 +88,23 @@ def fault_uri(width: int, rate: float, seconds: float, lines: int = 64, fault_p:
     return uri
 
 
-def capacity(engine, width: int, lines: int, seconds: float) -> float:
-    """Lines/s the stream scores on this machine (unpaced simulator, overload=block)."""
+def capacity(engine, width: int, lines: int, seconds: float, threads: int = 0, warmup_s: float = 3.0) -> float:
+    """Lines/s the stream scores on this machine in steady state (unpaced simulator, overload=block,
+    the soak's --threads): scored lines between a snapshot after `warmup_s` and one `seconds` later."""
     uri = f"linesim://?width={width}&rate=0&lines={lines}&kind=texture&seed=1&page=512"
-    s = run_stream(engine, uri, duration_s=seconds, overload="block")
-    return s["lines_scored"] / s["elapsed_s"]
+    marks = []
+
+    def on_start(pipe):
+        def mark():
+            for wait in (warmup_s, seconds):
+                time.sleep(wait)
+                marks.append((time.monotonic(), pipe.snapshot()["lines_scored"]))
+        threading.Thread(target=mark, daemon=True).start()
+
+    run_stream(engine, uri, duration_s=warmup_s + seconds + 0.5, overload="block", threads=threads,
+               on_start=on_start)
+    (t0, n0), (t1, n1) = marks[:2]
+    return (n1 - n0) / (t1 - t0)
 
 
 def _sample(proc) -> dict:
@@ -117,7 +130,7 @@ def run_soak(engine, seconds: float, load: float = 1.5, width: int = 512, lines:
 
     engine = pathlib.Path(engine)
     out_dir = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="soak-"))
-    cap = capacity(engine, width, lines, capacity_s)
+    cap = capacity(engine, width, lines, capacity_s, threads)
     rate = max(1.0, load * cap)
     uri = fault_uri(width, rate, seconds, lines, fault_p)
     peer = SilentPeer()

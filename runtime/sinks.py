@@ -18,11 +18,11 @@ times, a crop and its map), "preview" (the newest strip rows and their map, at m
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import pathlib
-import queue
 import threading
 import time
 import urllib.error
@@ -44,12 +44,14 @@ class SinkOverflow(Exception):
 
 class Sink:
     """Base: `write(record)` and `close()`; a context manager. Class attributes say how the runner
-    treats it: `accepts` (record types), `queue_size`, `retries` / `backoff_s` (a write that raises
-    is tried again after backoff_s, 2 x backoff_s, ...), `preview_every_s` (preview records at most
-    this often)."""
+    treats it: `accepts` (record types), `pixels` (event records with the crop around the defect
+    and its map; others get the event alone, so a stuck sink's full queue stays small), `queue_size`,
+    `retries` / `backoff_s` (a write that raises is tried again after backoff_s, 2 x backoff_s, ...),
+    `preview_every_s` (preview records at most this often)."""
 
     name = "sink"
     accepts = ("event",)
+    pixels = False          # event records carry the strip crop and its map ("crop", "map")
     queue_size = 256
     retries = 0
     backoff_s = 0.2
@@ -111,6 +113,7 @@ class OverlaySink(Sink):
     """PNG per event: the strip around the defect with the map and its box (at most max_files)."""
 
     name = "overlays"
+    pixels = True
 
     def __init__(self, folder, max_files: int = 500):
         self.folder = pathlib.Path(folder)
@@ -188,61 +191,81 @@ COUNTERS = ("written", "dropped", "failed", "retries", "abandoned")
 
 
 class _Lane:
-    """One sink's queue, thread and counters."""
+    """One sink's bounded queue, thread and counters. Every record offered ends in exactly one
+    counter: written, failed, dropped (queue full) or abandoned (still queued or being written when
+    the runner closed); the lock makes taking a record and closing exclusive, so none is lost
+    between them."""
 
     def __init__(self, sink: Sink, stop: threading.Event):
         self.sink, self.stop = sink, stop
-        self.q: queue.Queue = queue.Queue(max(1, int(sink.queue_size)))
+        self.size = max(1, int(sink.queue_size))
+        self.items: collections.deque = collections.deque()
+        self.cond = threading.Condition()
         self.counts = dict.fromkeys(COUNTERS, 0)
+        self.taken = 0              # records taken off the queue by the thread
+        self.done = 0               # of those, records whose outcome is counted
+        self.closed = False
         self.last_error: Optional[str] = None
-        self.busy = False          # a write is in progress
-        self.stop_counting = False  # set at close when the write in progress was counted abandoned
         self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
 
     def offer(self, rec: dict) -> None:
-        try:
-            self.q.put_nowait(rec)
-        except queue.Full:
-            self.counts["dropped"] += 1
+        with self.cond:
+            if self.closed or len(self.items) >= self.size:
+                self.counts["dropped"] += 1
+                return
+            self.items.append(rec)
+            self.cond.notify()
 
     def _run(self) -> None:
-        while not (self.stop.is_set() and self.q.empty()):
-            try:
-                rec = self.q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            self.busy = True
-            self._write(rec)
-            self.busy = False
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.items or self.stop.is_set(), timeout=0.25)
+                if self.closed or (not self.items and self.stop.is_set()):
+                    return
+                if not self.items:
+                    continue
+                rec = self.items.popleft()
+                self.taken += 1
+            outcome = self._write(rec)
+            with self.cond:
+                if self.closed:       # counted as abandoned when the runner closed
+                    return
+                self.counts[outcome] += 1
+                self.done += 1
 
-    def _write(self, rec: dict) -> None:
+    def _write(self, rec: dict) -> str:
         sink = self.sink
         for attempt in range(sink.retries + 1):
             try:
                 sink.write(rec)
-                if not self.stop_counting:
-                    self.counts["written"] += 1
-                return
+                return "written"
             except SinkOverflow:
-                self.counts["dropped"] += 1
-                return
+                return "dropped"
             except Exception as e:   # a failing sink is counted and retried; it never stops others
                 self.last_error = f"{type(e).__name__}: {e}"
                 if attempt == sink.retries or self.stop.wait(sink.backoff_s * 2 ** attempt):
                     break
                 self.counts["retries"] += 1
-        if self.stop_counting:     # already counted as abandoned at close
-            return
-        if self.counts["failed"] == 0 or self.counts["failed"] % 100 == 0:   # not one line per event
+        if self.counts["failed"] % 100 == 0:   # the first failure and every 100th, not one line per event
             log.warning("sink %s: write failed (%s)", sink.name, self.last_error)
-        self.counts["failed"] += 1
+        return "failed"
+
+    def close(self) -> None:
+        """Stop counting: what is queued or being written now is abandoned."""
+        with self.cond:
+            self.closed = True
+            in_flight = self.taken - self.done
+            self.counts["abandoned"] += len(self.items) + in_flight
+            self.items.clear()
+            self.cond.notify_all()
 
     def snapshot(self) -> dict:
         try:
             extra = dict(self.sink.counters())
         except Exception as e:   # a sink's own figures must never break the snapshot
             extra = {"counters_error": f"{type(e).__name__}: {e}"}
-        d = {**self.counts, "queued": self.q.qsize(), "last_error": self.last_error, **extra}
+        with self.cond:
+            d = {**self.counts, "queued": len(self.items), "last_error": self.last_error, **extra}
         if extra:
             d["extra_counters"] = sorted(k for k, v in extra.items() if isinstance(v, (int, float)))
         return d
@@ -273,8 +296,14 @@ class SinkRunner:
         lanes = self._wants("event")
         if not lanes:
             return
-        rec = {"type": "event", "event": ev.to_dict() if event is None else event, "threshold": pipe.pixel_threshold,
-               "map_low": pipe.map_low, "crop": None}
+        lean = {"type": "event", "event": ev.to_dict() if event is None else event}
+        for lane in lanes:
+            if not lane.sink.pixels:
+                lane.offer(lean)
+        lanes = [lane for lane in lanes if lane.sink.pixels]
+        if not lanes:
+            return
+        rec = {**lean, "threshold": pipe.pixel_threshold, "map_low": pipe.map_low, "crop": None}
         pad = 32
         y0, y1 = ev.line_start - pad, ev.line_end + 1 + pad
         x0, x1 = max(0, ev.col_start - pad), min(pipe.assembler.width, ev.col_end + 1 + pad)
@@ -338,20 +367,16 @@ class SinkRunner:
         """Let the sinks finish what is queued for at most `timeout` s (retries stop waiting),
         count what is left as abandoned, close the sinks whose thread ended; the final counters."""
         self.stop_event.set()
+        for lane in self.lanes:
+            with lane.cond:
+                lane.cond.notify_all()
         deadline = time.monotonic() + timeout
         for lane in self.lanes:
             if lane.thread.is_alive():
                 lane.thread.join(max(0.0, deadline - time.monotonic()))
         for lane in self.lanes:
-            while True:
-                try:
-                    lane.q.get_nowait()
-                except queue.Empty:
-                    break
-                lane.counts["abandoned"] += 1
+            lane.close()
             if lane.thread.is_alive():   # stuck in a write (a peer that never answers): leave it
-                lane.counts["abandoned"] += lane.busy
-                lane.stop_counting = True
                 log.warning("sink %s still busy at close; %d records abandoned", lane.sink.name,
                             lane.counts["abandoned"])
                 continue

@@ -10,6 +10,7 @@ At start the engine's hashes, versions and parity verdict are printed (and kept 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import math
@@ -334,11 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def keep_rss_at_working_set() -> bool:
+    """glibc raises its mmap threshold to the largest block freed so far; from then on freed
+    buffers (tiles, maps: hundreds of KB each) stay in the heap and a long stream's RSS ratchets up
+    to its largest burst (a stall, a reconnect). A fixed threshold (glibc's initial 128 KiB) maps
+    each large buffer and returns it when freed. For the CLI process only; False where there is no
+    glibc mallopt."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))    # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:      # --help, or a bad option (already reported in one line)
         return e.code
+    keep_rss_at_working_set()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
 

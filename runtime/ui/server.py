@@ -110,6 +110,7 @@ class UISink(Sink):
 
     name = "ui"
     accepts = ("event", "control")
+    pixels = True
     queue_size = 512
 
     def __init__(self, state: UIState):
