@@ -130,6 +130,7 @@ def run_soak(engine, seconds: float, load: float = 1.5, width: int = 512, lines:
 
     engine = pathlib.Path(engine)
     out_dir = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="soak-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     cap = capacity(engine, width, lines, capacity_s, threads)
     rate = max(1.0, load * cap)
     uri = fault_uri(width, rate, seconds, lines, fault_p)

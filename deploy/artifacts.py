@@ -28,7 +28,7 @@ import pathlib
 from typing import Any, Dict, Optional
 
 from .contract import (META_KEY, METADATA_FORMAT, METADATA_FORMAT_VERSION, SIDECAR_ONLY_KEYS, UNHASHED_KEYS,
-                       check_runtime_section, check_score_stats)
+                       check_runtime_section, check_score_stats, check_sections)
 
 log = logging.getLogger("deploy.artifacts")
 
@@ -273,6 +273,7 @@ def read_metadata(path, expect: Optional[Dict[str, Any]] = None, require_sidecar
     if not isinstance(meta.get("export"), dict):
         raise ArtifactError(f"{path}: metadata has no 'export' section (not an exported artifact)")
     try:
+        check_sections(meta, str(path))
         check_score_stats(meta, str(path))
         if "runtime" in meta:
             check_runtime_section(meta["runtime"], str(side_p))

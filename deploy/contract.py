@@ -64,6 +64,19 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+SECTION_TYPES = (("model", str), ("config", dict), ("preprocess", dict), ("score_stats", dict),
+                 ("class_names", list), ("training", dict), ("export", dict))
+
+
+def check_sections(meta: dict, where: str) -> None:
+    """Each metadata section present has its JSON type (an object, a list, a string), so every
+    reader behind this check can index it. ValueError naming `where` and the field otherwise."""
+    for key, typ in SECTION_TYPES:
+        if key in meta and meta[key] is not None and not isinstance(meta[key], typ):
+            want = {dict: "an object", list: "a list", str: "a string"}[typ]
+            raise ValueError(f"{where}: metadata field {key} is {type(meta[key]).__name__}, expected {want}")
+
+
 def check_score_stats(meta: dict, where: str) -> None:
     """score_stats must be an object whose low / threshold / map_low / map_threshold (those
     present) are finite numbers: they decide every verdict. ValueError naming `where` otherwise."""

@@ -52,8 +52,10 @@ def export_info(meta: dict, path) -> Tuple[Optional[Tuple[int, int]], int, Optio
         raise EngineError(f"{path}: metadata export.frame_channels={ch!r}; expected 1 or 3")
     if hw is not None:
         try:
+            if not isinstance(hw, (list, tuple)) or len(hw) != 2:
+                raise TypeError
             hw = (int(hw[0]), int(hw[1]))
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, OverflowError):
             raise EngineError(f"{path}: metadata export.frame_hw={hw!r}; expected [height, width]") from None
     return hw, int(ch), _positive_int(ex.get("batch"))
 

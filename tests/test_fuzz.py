@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from runtime.stream import StreamError, main, run_stream
@@ -152,6 +152,8 @@ def _set(meta, path, value):
 
 @FUZZ
 @given(path=st.sampled_from(META_PATHS), value=JSON)
+@example(path=("preprocess",), value=True)            # found by a 100-example run: a traceback then
+@example(path=("export", "frame_hw"), value={"0": 64, "1": 64})
 def test_fuzz_artifact_metadata(onnx_artifact, path, value):
     """Metadata a buggy writer signed properly (so every check behind the hashes is reached): the
     ONNX file re-embedded and its sidecar re-written with the fuzzed field."""
