@@ -27,6 +27,8 @@ from deploy.contract import ENGINE_BACKENDS
 from deploy.remote import RemoteEngine
 
 from .accounting import format_status
+from .calibrate import Calibration
+from .calibrate import describe as describe_calibration
 from .config import DEFAULT_LATENCY_BUDGET_MS
 from .pipeline import Pipeline, StreamConfig
 from .metrics import MetricsServer, metrics_registry
@@ -78,6 +80,12 @@ def describe_engine(pipe: Pipeline) -> List[str]:
     lines.append(f"thresholds: pixel {pipe.pixel_threshold:g} (from {pipe.threshold_source}), image {img}; "
                  f"latency budget {'none' if pipe.budget_ns is None else f'{pipe.budget_ns / 1e6:g} ms'}"
                  + ("" if pipe.live else " (recording: read as fast as taken, nothing dropped)"))
+    cal = eng.runtime_config.get("calibration")
+    if pipe.threshold_source == "runtime section" and isinstance(cal, dict):
+        try:
+            lines.append("calibration: " + describe_calibration(Calibration(**cal)))
+        except (TypeError, KeyError, ValueError):   # written by another tool: shown as stored
+            lines.append(f"calibration: {json.dumps(cal)[:300]}")
     return lines
 
 
