@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import tempfile
@@ -78,9 +77,9 @@ def markdown(rows) -> str:
     return "\n".join(out)
 
 
-def sigterm_to_exit(engine, uri: str, overload: str, after_s: float) -> dict:
+def time_sigterm(engine, uri: str, overload: str, after_s: float) -> dict:
     """Run the stream CLI (dead webhook included), SIGTERM it after `after_s`: seconds to exit."""
-    from benchmarks.soak import SilentPeer
+    from benchmarks.soak import SilentPeer, sigterm_to_exit
 
     peer = SilentPeer()
     with tempfile.TemporaryDirectory() as out:
@@ -90,10 +89,7 @@ def sigterm_to_exit(engine, uri: str, overload: str, after_s: float) -> dict:
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(after_s)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=60)
-            took = time.monotonic() - t0
+            rc, took = sigterm_to_exit(proc)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -137,7 +133,7 @@ def main(argv=None) -> int:
     stops = []
     if a.sigterm:
         top = max(float(x) for x in a.loads.split(",")) * capacity
-        stops = [sigterm_to_exit(a.engine, source_uri(kind, a.width, top, a.lines), mode, a.sigterm)
+        stops = [time_sigterm(a.engine, source_uri(kind, a.width, top, a.lines), mode, a.sigterm)
                  for mode in ("drop-oldest", "block")]
     res = {"engine": cap_s["engine"], "source": kind, "width": a.width, "lines_per_buffer": a.lines,
            "capacity_lines_per_s": capacity, "seconds": a.seconds, "rows": rows, "sigterm": stops,

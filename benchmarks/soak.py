@@ -70,6 +70,14 @@ class SilentPeer:
             c.close()
 
 
+def sigterm_to_exit(proc: subprocess.Popen, timeout: float = 60.0):
+    """SIGTERM, wait for the exit: (exit code, seconds from the signal to the exit)."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=timeout)
+    return rc, time.monotonic() - t0
+
+
 def fault_uri(width: int, rate: float, seconds: float, lines: int = 64, fault_p: float = 0.002,
               stall_every_s: float = 45.0, disconnect_every_s: float = 90.0, defect_every_s: float = 2.0,
               seed: int = 0) -> str:
@@ -152,10 +160,7 @@ def run_soak(engine, seconds: float, load: float = 1.5, width: int = 512, lines:
                       file=sys.stderr, flush=True)
             time.sleep(max(0.0, t0 + len(samples) * sample_s - time.monotonic()))
         samples.append({"t_s": time.monotonic() - t0, **_sample(ps)})
-        ts = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-        sigterm_s = time.monotonic() - ts
+        rc, sigterm_s = sigterm_to_exit(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
