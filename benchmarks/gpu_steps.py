@@ -217,7 +217,7 @@ def _run_json(cmd, timeout: float) -> dict:
 
 
 def stream_check(engine, device: str, width: int, rate: float, seconds: float, bare_seconds: float,
-                 max_batch: int, deadline_s: float, tile=None) -> dict:
+                 max_batch: int, deadline_s: float, tile=None, latency_budget_ms=None) -> dict:
     t_end = time.monotonic() + deadline_s
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="edge_ad_stream_") as tmp:
@@ -229,7 +229,8 @@ def stream_check(engine, device: str, width: int, rate: float, seconds: float, b
                           timeout=max(10.0, t_end - time.monotonic() - seconds - 30))
     uri = f"linesim://?width={width}&rate={rate:g}&lines=64"
     live = _run_json([py, "-m", "runtime.stream", "--engine", str(engine), "--device", device, "--source", uri,
-                      "--tile", str(bench["tile"]), "--max-batch", str(max_batch), "--duration", str(seconds),
+                      "--tile", str(bench["tile"]), "--max-batch", str(max_batch), "--duration", str(seconds)]
+                     + ([] if latency_budget_ms is None else ["--latency-budget-ms", f"{latency_budget_ms:g}"]) + [
                       "--quiet"],
                      timeout=max(10.0, t_end - time.monotonic()))
     bare_tiles = sum(bench["bare_tiles_per_s"]) / len(bench["bare_tiles_per_s"])
@@ -268,6 +269,8 @@ def main(argv=None) -> int:
     s.add_argument("--max-batch", type=int, default=16)
     s.add_argument("--tile", type=int, default=None, help="tile side (default: the engine's frame size)")
     s.add_argument("--deadline", type=float, default=600.0, help="seconds for both children together")
+    s.add_argument("--latency-budget-ms", type=float, default=None,
+                   help="runtime.stream's budget (default: its own; 0 = none)")
     a = p.parse_args(argv)
     if a.step == "env":
         res = env_info()
@@ -279,7 +282,7 @@ def main(argv=None) -> int:
         res = export_stream_engine(a.ckpt, out, a.device, a.max_batch)
     else:
         res = stream_check(a.engine, a.device, a.width, a.rate, a.seconds, a.bare_seconds, a.max_batch, a.deadline,
-                           a.tile)
+                           a.tile, a.latency_budget_ms)
     pathlib.Path(a.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "bench"}, indent=1, default=str)[:3000])
     errors = [m for m in res.get("models", {}).values() if "error" in m]

@@ -10,8 +10,8 @@ ONNX or TensorRT artifact never imports torch or `models`. The torch engines (AO
 checkpoints) live in deploy.torch_engines and import torch when used. docs/design.md describes
 the contract (deploy.contract), the artifact format (deploy.artifacts) and the engines.
 """
-from .artifacts import ArtifactError, read_metadata, sidecar_path, write_sidecar
+from .artifacts import ArtifactError, read_metadata, sidecar_path, write_runtime_config, write_sidecar
 from .engine import Engine, EngineError, available_backends, choose_backend, load_engine
 
 __all__ = ["ArtifactError", "Engine", "EngineError", "available_backends", "choose_backend", "load_engine",
-           "read_metadata", "sidecar_path", "write_sidecar"]
+           "read_metadata", "sidecar_path", "write_runtime_config", "write_sidecar"]

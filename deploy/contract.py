@@ -21,6 +21,8 @@ test_contract.py checks that graph, ScoreStats and these functions agree.
 """
 from __future__ import annotations
 
+import json
+import math
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -41,11 +43,87 @@ def output_names(full_res_map: bool = False) -> Tuple[str, ...]:
 # The schema is the checkpoint's (models.checkpoint writes the same "format" fields; the test
 # tests/deploy/test_contract.py keeps both in step).
 METADATA_FORMAT = "edge-ad-checkpoint"
-METADATA_FORMAT_VERSION = 1
+# 2: metadata carries its own hash (checkpoints: meta_sha256 beside the weights' sha256;
+# sidecars: metadata_sha256). Version-1 files predate it and load with a warning.
+METADATA_FORMAT_VERSION = 2
 META_KEY = "edge_ad"                       # ONNX metadata_props key / AOTInductor package entry
-SIDECAR_ONLY_KEYS = ("artifact_sha256", "parity")
+# Keys only a sidecar has (never embedded in the artifact): the file's hash, the parity gate's
+# report, the metadata hash, and `runtime` (settings chosen after export, section below).
+SIDECAR_ONLY_KEYS = ("artifact_sha256", "parity", "metadata_sha256", "runtime")
+# What metadata_sha256 does not cover: itself and the records of one file / one gate run. Every
+# field that decides a verdict (model, config, preprocess, score_stats, class_names, export,
+# runtime) is covered.
+UNHASHED_KEYS = ("artifact_sha256", "parity", "metadata_sha256")
 TRITON_METADATA_SUFFIX = "_metadata"       # runtime.serve: <model>_metadata returns the JSON
 TRITON_METADATA_OUTPUT = "edge_ad"
+
+SCORE_STATS_NUMBERS = ("low", "threshold", "map_low", "map_threshold")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+SECTION_TYPES = (("model", str), ("config", dict), ("preprocess", dict), ("score_stats", dict),
+                 ("class_names", list), ("training", dict), ("export", dict))
+
+
+def check_sections(meta: dict, where: str) -> None:
+    """Each metadata section present has its JSON type (an object, a list, a string), so every
+    reader behind this check can index it. ValueError naming `where` and the field otherwise."""
+    for key, typ in SECTION_TYPES:
+        if key in meta and meta[key] is not None and not isinstance(meta[key], typ):
+            want = {dict: "an object", list: "a list", str: "a string"}[typ]
+            raise ValueError(f"{where}: metadata field {key} is {type(meta[key]).__name__}, expected {want}")
+
+
+def check_score_stats(meta: dict, where: str) -> None:
+    """score_stats must be an object whose low / threshold / map_low / map_threshold (those
+    present) are finite numbers: they decide every verdict. ValueError naming `where` otherwise."""
+    ss = meta.get("score_stats", {})
+    if not isinstance(ss, dict):
+        raise ValueError(f"{where}: metadata score_stats is {type(ss).__name__}, expected an object")
+    for k in SCORE_STATS_NUMBERS:
+        if k in ss and not (_is_number(ss[k]) and math.isfinite(ss[k])):
+            raise ValueError(f"{where}: metadata score_stats.{k}={ss[k]!r}; expected a finite number")
+
+
+# ---- the runtime section: settings chosen after export ------------------------------------------
+# A sidecar-only, hash-covered object (deploy.artifacts.write_runtime_config writes it; the stream
+# applies it when no command-line option overrides it), e.g.
+#   {"pixel_threshold": 0.41, "image_threshold": 0.37, "calibration": {"fpr": 0.001, ...}}
+# pixel_threshold / image_threshold are on the raw map / score scale (like score_stats'
+# map_threshold / threshold). Other keys are kept for their writers; every number anywhere in the
+# section must be finite and every value plain JSON.
+RUNTIME_THRESHOLDS = ("pixel_threshold", "image_threshold")
+
+
+def check_runtime_section(runtime, where: str) -> dict:
+    """A copy of a valid runtime section, or ValueError naming `where` and the offending field."""
+    if not isinstance(runtime, dict):
+        raise ValueError(f"{where}: runtime section is {type(runtime).__name__}, expected an object")
+
+    def walk(v, path):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"{where}: runtime{path} has a non-string key {k!r}")
+                walk(x, f"{path}.{k}")
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{path}[{i}]")
+        elif _is_number(v):
+            if not math.isfinite(v):
+                raise ValueError(f"{where}: runtime{path}={v!r}; expected a finite number")
+        elif not (v is None or isinstance(v, (str, bool))):
+            raise ValueError(f"{where}: runtime{path} is a {type(v).__name__}; expected plain JSON")
+
+    walk(runtime, "")
+    for k in RUNTIME_THRESHOLDS:
+        if k in runtime and not _is_number(runtime[k]):
+            raise ValueError(f"{where}: runtime.{k}={runtime[k]!r}; expected a finite number")
+    return json.loads(json.dumps(runtime))
+
 
 # ---- channels ---------------------------------------------------------------------------------
 LUMA_RGB = (0.299, 0.587, 0.114)           # ITU-R BT.601 (what cv2.cvtColor(RGB2GRAY) uses)

@@ -32,13 +32,13 @@ class EngineError(ValueError):
     """An engine that cannot be loaded or used as asked; the message says what to do."""
 
 
-def read_engine_metadata(path) -> dict:
+def read_engine_metadata(path, allow_rejected: bool = False) -> dict:
     """The artifact's validated metadata (deploy.artifacts.read_metadata), as an EngineError."""
     path = pathlib.Path(path)
     if not path.exists():
         raise EngineError(f"{path}: engine file not found")
     try:
-        return read_metadata(path)
+        return read_metadata(path, allow_rejected=allow_rejected)
     except ArtifactError as e:
         raise EngineError(str(e)) from None
 
@@ -52,8 +52,10 @@ def export_info(meta: dict, path) -> Tuple[Optional[Tuple[int, int]], int, Optio
         raise EngineError(f"{path}: metadata export.frame_channels={ch!r}; expected 1 or 3")
     if hw is not None:
         try:
+            if not isinstance(hw, (list, tuple)) or len(hw) != 2:
+                raise TypeError
             hw = (int(hw[0]), int(hw[1]))
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, OverflowError):
             raise EngineError(f"{path}: metadata export.frame_hw={hw!r}; expected [height, width]") from None
     return hw, int(ch), _positive_int(ex.get("batch"))
 
@@ -94,10 +96,25 @@ class Engine:
     def pixel_format(self) -> str:
         return pixel_format(self.frame_channels)
 
+    @property
+    def runtime_config(self) -> dict:
+        """The artifact's runtime section (thresholds chosen after export; docs/design.md section 5)."""
+        return dict(self.meta.get("runtime") or {})
+
+    def integrity(self) -> dict:
+        """What identifies the artifact and its verdict-deciding metadata: hashes, format and
+        versions, the parity gate's verdict (printed at stream start, kept in the summary)."""
+        parity = self.meta.get("parity")
+        return {"artifact_sha256": self.meta.get("artifact_sha256"),
+                "metadata_sha256": self.meta.get("metadata_sha256"),
+                "format_version": self.meta.get("format_version"),
+                "versions": self.meta.get("versions"),
+                "parity": None if not isinstance(parity, dict) else ("passed" if parity.get("passed") else "REJECTED")}
+
     def describe(self) -> dict:
         return {"backend": self.backend, "path": str(self.path), "model": self.meta.get("model"),
                 "frame_hw": self.frame_hw, "frame_channels": self.frame_channels,
-                "static_batch": self.static_batch, "max_batch": self.max_batch}
+                "static_batch": self.static_batch, "max_batch": self.max_batch, **self.integrity()}
 
     # -- inference ----------------------------------------------------------------------
     def check_frames(self, frames) -> np.ndarray:
@@ -189,11 +206,13 @@ def choose_backend(path, backend: Optional[str] = None) -> str:
 
 
 def load_engine(path, backend: Optional[str] = None, frame_hw=None, frame_channels: Optional[int] = None,
-                device: str = "cpu", threads: int = 0, buffers="auto", meta: Optional[dict] = None) -> Engine:
+                device: str = "cpu", threads: int = 0, buffers="auto", meta: Optional[dict] = None,
+                allow_rejected: bool = False) -> Engine:
     """Open an engine file (.onnx, .engine/.plan, .pt2, .pt). `frame_hw` / `frame_channels` only
     shape a checkpoint's graph (exported engines carry theirs in metadata); `buffers` picks the
     TensorRT runner's device buffers (deploy.cuda_buffers); `meta` replaces the artifact's own
-    metadata (for a graph written without a sidecar, e.g. an intermediate quantised ONNX)."""
+    metadata (for a graph written without a sidecar, e.g. an intermediate quantised ONNX);
+    `allow_rejected` opens an artifact the parity gate rejected (refused otherwise)."""
     path = pathlib.Path(path)
     if path.is_dir():
         raise EngineError(f"{path}: is a folder; pass the artifact file inside it "
@@ -201,6 +220,8 @@ def load_engine(path, backend: Optional[str] = None, frame_hw=None, frame_channe
     if not path.is_file():
         raise EngineError(f"{path}: engine file not found")
     b = choose_backend(path, backend)
+    if meta is None and b not in ("torch", "tensorrt"):
+        meta = read_engine_metadata(path, allow_rejected=allow_rejected)
     if b in ORT_BACKENDS:
         from .ort import OrtEngine
 
@@ -208,7 +229,7 @@ def load_engine(path, backend: Optional[str] = None, frame_hw=None, frame_channe
     if b == "tensorrt":
         from .tensorrt import TensorRTEngine
 
-        return TensorRTEngine(path, meta=meta, buffers=buffers)
+        return TensorRTEngine(path, meta=meta, buffers=buffers, allow_rejected=allow_rejected)
     try:
         from .torch_engines import AOTIEngine, TorchEngine
     except ImportError as e:   # the torch-free edge install: say what the artifact needs

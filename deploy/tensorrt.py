@@ -56,7 +56,8 @@ class TensorRTEngine(Engine):
 
     backend = "tensorrt"
 
-    def __init__(self, path, meta: Optional[dict] = None, buffers="auto", device: int = 0):
+    def __init__(self, path, meta: Optional[dict] = None, buffers="auto", device: int = 0,
+                 allow_rejected: bool = False):
         if not isinstance(buffers, cuda_buffers.DeviceBuffers):
             try:
                 cuda_buffers.check_preference(buffers)
@@ -74,13 +75,12 @@ class TensorRTEngine(Engine):
         else:
             self.buffers = buffers
         try:
-            self._open(path, meta)
+            self._open(path, meta if meta is not None else read_engine_metadata(path, allow_rejected))
         except BaseException:
             self.close()
             raise
 
     def _open(self, path, meta):
-        meta = meta if meta is not None else read_engine_metadata(path)
         hw, ch, _batch = export_info(meta, path)
         _register_plugin_for(meta, path)
         logger = trt.Logger(trt.Logger.WARNING)

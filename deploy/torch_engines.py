@@ -76,11 +76,13 @@ class TorchEngine(Engine):
             except CheckpointError as e:
                 raise EngineError(str(e)) from None
             meta = dict(model.checkpoint_meta)
+            hashes = dict(model.checkpoint_hashes)
         else:
             from models.checkpoint import checkpoint_metadata
 
             path = pathlib.Path(f"<{type(model).__name__}>")
             meta = checkpoint_metadata(model)
+            hashes = {}
             if str(device) != "cpu":
                 model = copy.deepcopy(model)
         if precision not in ("fp32", "fp16"):
@@ -92,6 +94,7 @@ class TorchEngine(Engine):
         meta["export"] = {"format": "checkpoint", "frame_hw": list(hw), "frame_channels": int(frame_channels),
                           "batch": None, "outputs": list(output_names(full_res_map))}
         super().__init__(path, meta, hw, frame_channels, None)
+        self.checkpoint_hashes = hashes
         self.device, self.precision, self.compiled = device, precision, bool(compiled)
         if threads:
             torch.set_num_threads(int(threads))
@@ -103,6 +106,9 @@ class TorchEngine(Engine):
     @property
     def model(self):
         return self.module.model
+
+    def integrity(self) -> dict:
+        return {**super().integrity(), **self.checkpoint_hashes}
 
     def _run(self, frames):
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16")

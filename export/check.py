@@ -268,7 +268,8 @@ def check_artifact(ckpt, artifact, images=None, n: int = 8, tolerances=None, see
     tolerances: a Tolerances, a PRESETS key, or None (the preset of the artifact's precision).
     """
     model = load_model(ckpt)
-    meta = meta if meta is not None else read_metadata(artifact)
+    # the gate may re-examine an artifact it rejected before (model.rejected.onnx)
+    meta = meta if meta is not None else read_metadata(artifact, allow_rejected=True)
     ex = meta.get("export", {})
     frame_hw = tuple(ex.get("frame_hw") or (model.preprocess.input_size,) * 2)
     ch = int(ex.get("frame_channels", model.preprocess.channels))

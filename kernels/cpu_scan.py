@@ -67,7 +67,11 @@ void edgead_selective_scan_fwd(
     }
 }
 """
-_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-march=native", "-shared", "-fPIC"]
+# -ffast-math on the compile step only: given to the link step as well, GCC (< 13) links
+# crtfastmath.o into the library, whose constructor turns on flush-to-zero / denormals-are-zero for
+# the whole process as soon as the kernel loads - every later float computation changes.
+_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-march=native", "-fPIC"]
+_LINK = ["-shared", "-fopenmp"]
 MAX_STATE = 256
 _lock = threading.Lock()
 _lib = {}
@@ -94,7 +98,7 @@ def _build():
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    key = hashlib.sha256((_SRC + " ".join(_FLAGS) + cc + _cpu_key()).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_SRC + " ".join(_FLAGS + _LINK) + cc + _cpu_key()).encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("EDGE_AD_CACHE", pathlib.Path.home() / ".cache" / "edge_ad"))
     out = cache / "kernels" / f"selective_scan_cpu_{key}.so"
     if not out.exists():
@@ -102,11 +106,11 @@ def _build():
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             src = pathlib.Path(tmp) / "scan.c"
             src.write_text(_SRC)
-            tmp_so = pathlib.Path(tmp) / "scan.so"
-            proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp_so), "-lm"],
-                                  capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+            obj, tmp_so = pathlib.Path(tmp) / "scan.o", pathlib.Path(tmp) / "scan.so"
+            for cmd in ([cc, *_FLAGS, "-c", str(src), "-o", str(obj)], [cc, *_LINK, str(obj), "-o", str(tmp_so), "-lm"]):
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
             os.replace(tmp_so, out)  # atomic: concurrent builders never see a partial file
     lib = ctypes.CDLL(str(out))
     fn = lib.edgead_selective_scan_fwd

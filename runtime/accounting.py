@@ -9,31 +9,39 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
-DROP_REASONS = ("camera_drop", "reconnect_gap", "corrupt", "overload", "engine_error", "shutdown")
+from .metrics import StreamHistograms
+
+DROP_REASONS = ("camera_drop", "reconnect_gap", "corrupt", "overload", "late", "engine_error", "paused",
+                "shutdown")
 
 
 class Latencies:
-    """Bounded reservoir of latency samples (ms) for percentiles."""
+    """Bounded reservoir of latency samples (ms) for percentiles: `cap` samples in an array
+    allocated (and touched) up front, so a long stream's memory does not creep while it fills."""
 
-    def __init__(self, cap: int = 200_000, seed: int = 0):
+    def __init__(self, cap: int = 100_000, seed: int = 0):
         self.cap, self.n = cap, 0
-        self.samples: List[float] = []
+        self._buf = np.full(cap, np.nan)
         self.recent = collections.deque(maxlen=2048)
         self.rng = np.random.default_rng(seed)
 
+    @property
+    def samples(self) -> np.ndarray:
+        return self._buf[:min(self.n, self.cap)]
+
     def add(self, v: float) -> None:
-        self.n += 1
         self.recent.append(v)
-        if len(self.samples) < self.cap:
-            self.samples.append(v)
+        if self.n < self.cap:
+            self._buf[self.n] = v
         else:
-            j = int(self.rng.integers(0, self.n))
+            j = int(self.rng.integers(0, self.n + 1))
             if j < self.cap:
-                self.samples[j] = v
+                self._buf[j] = v
+        self.n += 1
 
     @staticmethod
     def pct(values, qs=(50, 95, 99)) -> Dict[str, Optional[float]]:
@@ -62,8 +70,10 @@ class Stats:
         self.engine_time_s = 0.0
         self.reconnects = 0
         self.corrupt_buffers = 0
+        self.late_after_inference = 0     # lines counted `late` after their band was inferred
         self.latency = Latencies()        # capture of a band's newest line -> verdict
         self.age = Latencies(seed=1)      # capture of a band's oldest owned line -> verdict
+        self.hist = StreamHistograms()    # the same times (and engine calls, queue waits) for /metrics
         self.t_start = time.monotonic()
         self.t_end = None
 

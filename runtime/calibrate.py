@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional
 
 from deploy import EngineError, load_engine
+from deploy.artifacts import write_runtime_config
 
 from .pipeline import StreamConfig
 from .replay import ReplayError, lay_out, mvtec_test_images, normal_images, record, score_events, threshold_grid
@@ -115,6 +116,7 @@ def calibrate(engine, normal_dir, width: int, target: float, unit: str, line_pit
 
 
 def describe(cal: Calibration) -> str:
+    """One line: the threshold, the false-alarm target and what was measured (and expected recall)."""
     unit = {"per_metre": "per metre", "per_hour": "per hour", "per_100_images": "per 100 good images"}[cal.unit]
     s = (f"pixel threshold {cal.pixel_threshold:.6g}: target <= {cal.target:g} false alarms {unit}, "
          f"{cal.measured:.3g} measured on {cal.normal_images} normal images ({cal.normal_lines} lines)")
@@ -157,8 +159,6 @@ def main(argv=None) -> int:
                             StreamConfig(tile=a.tile, stride=a.stride, min_area=a.min_area),
                             log=lambda s: print(s, file=sys.stderr))
         if a.write:
-            from deploy.artifacts import write_runtime_config
-
             write_runtime_config(a.engine, cal.to_runtime())
     except (ReplayError, EngineError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

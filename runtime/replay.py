@@ -175,6 +175,7 @@ def record(engine: Engine, strip: Strip, config: Optional[StreamConfig] = None, 
     replay blocks instead of dropping); keep every band's tile maps."""
     cfg = config or StreamConfig()
     cfg.overload = "block"
+    cfg.latency_budget_ms = None   # a replay scores every line, however late (paced replays too)
     fmt = "Mono8" if strip.channels == 1 else "RGB8"
     src = open_source(f"linesim://?images={strip.folder}&width={strip.width}&rate={rate:g}"
                       f"&lines={lines_per_buffer}&format={fmt}&once=1")

@@ -66,15 +66,16 @@ def _require_pytriton():
 
 # ---- engine loading ------------------------------------------------------------------------
 def open_engine(path, backend: Optional[str] = None, threads: int = 0, frame_hw=None,
-                frame_channels: Optional[int] = None, device: str = "cpu"):
+                frame_channels: Optional[int] = None, device: str = "cpu", allow_rejected: bool = False):
     """Load any exported artifact as an engine (`infer(frames) -> dict`, `.meta`) through
     `deploy.load_engine` (ONNX Runtime, TensorRT, AOTInductor, checkpoint).
-    `frame_hw` / `frame_channels` / `device` only matter for a checkpoint (`.pt`)."""
+    `frame_hw` / `frame_channels` / `device` only matter for a checkpoint (`.pt`); an artifact the
+    parity gate rejected is refused unless `allow_rejected`."""
     path = pathlib.Path(path)
     if not path.exists():
         raise ServeError(f"{path}: artifact not found")
     return load_engine(path, backend=backend, threads=threads, frame_hw=frame_hw,
-                       frame_channels=frame_channels, device=device)
+                       frame_channels=frame_channels, device=device, allow_rejected=allow_rejected)
 
 
 # ---- the served model's I/O ------------------------------------------------------------------
@@ -171,6 +172,7 @@ class ServeConfig:
     frame_channels: Optional[int] = None            # checkpoints only
     device: str = "cpu"                             # checkpoints / AOTInductor
     verbose: bool = False
+    allow_rejected: bool = False                    # serve an artifact the parity gate rejected
 
     def validate(self) -> "ServeConfig":
         for f in ("http_port", "grpc_port", "metrics_port"):
@@ -304,7 +306,8 @@ def serve(config: ServeConfig, stop_event: Optional[threading.Event] = None, pol
     config.validate()
     _require_pytriton()
     engine = open_engine(config.engine, backend=config.backend, threads=config.threads,
-                         frame_hw=config.frame_hw, frame_channels=config.frame_channels, device=config.device)
+                         frame_hw=config.frame_hw, frame_channels=config.frame_channels, device=config.device,
+                         allow_rejected=config.allow_rejected)
     stop = stop_event or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -348,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-channels", type=int, choices=(1, 3), default=None,
                    help="checkpoint (.pt) only: 1 (Mono8) or 3 (RGB8) frames (default 3)")
     p.add_argument("--device", default="cpu", help="checkpoint / AOTInductor device (cpu, cuda)")
+    p.add_argument("--allow-rejected", action="store_true",
+                   help="serve an artifact whose sidecar says the parity gate rejected it (refused otherwise)")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -374,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
                       model_name=args.model_name, threshold=args.threshold, backend=args.backend,
                       threads=args.threads, frame_hw=frame_hw, frame_channels=args.frame_channels,
-                      device=args.device, verbose=args.verbose)
+                      device=args.device, verbose=args.verbose, allow_rejected=args.allow_rejected)
     try:
         return serve(cfg)
     except (ServeError, ValueError, FileNotFoundError) as e:

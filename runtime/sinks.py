@@ -1,23 +1,34 @@
-"""Where verdicts go: JSON-lines events, PNG overlays, a rolling strip preview, a webhook, /metrics.
+"""Where verdicts go: JSON-lines events, PNG overlays, a rolling strip preview, a webhook (and, in
+their own modules, MQTT, OPC UA and the live page).
 
-Sinks are context managers with one `write(record)` method; a record is a dict with "type"
-("event" or "preview"). `SinkRunner` owns a thread and a bounded queue so that slow disks or
-a slow webhook never stall the postprocess stage: events wait (with timeouts), previews are
-dropped when the queue is full. `MetricsServer` serves Prometheus text on 127.0.0.1 by default.
+A `Sink` has two methods: `write(record)` (a dict with "type": "event", "preview", "status" or
+"control"; it may block or raise) and `close()`; `accepts` names the record types it wants. `SinkRunner` gives every sink
+its own bounded queue and thread, so no sink can stall the pipeline or another sink: `offer_*`
+never waits - a full queue drops the record and counts it; a write that raises is retried with
+backoff (`retries`, `backoff_s`) and then counted as failed; `close()` gives the queues a deadline
+and counts what is still queued as `abandoned`. `SinkRunner.snapshot()` is one plain dict of
+counters per sink (the summary and /metrics read it). A sink with a bounded outbox of its own
+(MQTT) raises `SinkOverflow` when it is full: the record is counted `dropped`, not retried; a
+sink's `counters()` adds its own figures (e.g. acknowledged deliveries) to its entry.
+
+Record types: "event" (a defect: the event dict with its sequence number and capture / verdict
+times, a crop and its map), "preview" (the newest strip rows and their map, at most every
+`preview_every_s` of each sink), "status" (the pipeline snapshot, from the stream's main loop),
+"control" (a threshold change, pause or resume, runtime.control).
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import pathlib
-import queue
 import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -27,11 +38,31 @@ from deploy.contract import map_unit
 log = logging.getLogger("runtime.sinks")
 
 
+class SinkOverflow(Exception):
+    """Raised by a sink whose own bounded outbox is full: the record is dropped and counted."""
+
+
 class Sink:
-    """Base: a context manager with one write method."""
+    """Base: `write(record)` and `close()`; a context manager. Class attributes say how the runner
+    treats it: `accepts` (record types), `pixels` (event records with the crop around the defect
+    and its map; others get the event alone, so a stuck sink's full queue stays small), `queue_size`,
+    `retries` / `backoff_s` (a write that raises is tried again after backoff_s, 2 x backoff_s, ...),
+    `preview_every_s` (preview records at most this often)."""
+
+    name = "sink"
+    accepts = ("event",)
+    pixels = False          # event records carry the strip crop and its map ("crop", "map")
+    queue_size = 256
+    retries = 0
+    backoff_s = 0.2
+    preview_every_s = 1.0
 
     def write(self, record: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def counters(self) -> Dict[str, int]:
+        """The sink's own counters (added to its snapshot entry and to /metrics)."""
+        return {}
 
     def close(self) -> None:
         pass
@@ -44,17 +75,21 @@ class Sink:
 
 
 class JsonlSink(Sink):
-    """One JSON object per defect event, flushed per line."""
+    """One JSON object per defect event, flushed per line; operator actions (threshold changes,
+    pause, resume) as lines with a "control" key."""
+
+    name = "events.jsonl"
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
 
+    accepts = ("event", "control")
+
     def write(self, record):
-        if record["type"] == "event":
-            self._f.write(json.dumps(record["event"], sort_keys=True) + "\n")
-            self._f.flush()
+        self._f.write(json.dumps(record["event" if record["type"] == "event" else "control"], sort_keys=True) + "\n")
+        self._f.flush()
 
     def close(self):
         self._f.close()
@@ -77,6 +112,9 @@ def heat_overlay(image: np.ndarray, amap: Optional[np.ndarray], threshold: float
 class OverlaySink(Sink):
     """PNG per event: the strip around the defect with the map and its box (at most max_files)."""
 
+    name = "overlays"
+    pixels = True
+
     def __init__(self, folder, max_files: int = 500):
         self.folder = pathlib.Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -84,19 +122,24 @@ class OverlaySink(Sink):
         self.written = 0
 
     def write(self, record):
-        if record["type"] != "event" or record.get("crop") is None or self.written >= self.max_files:
+        if record.get("crop") is None or self.written >= self.max_files:
             return
         ev, (y0, x0) = record["event"], record["crop_origin"]
         pic = heat_overlay(record["crop"], record.get("map"), record["threshold"], record["map_low"])
         cv2.rectangle(pic, (ev["col_start"] - x0, ev["line_start"] - y0),
                       (ev["col_end"] - x0, ev["line_end"] - y0), (0, 255, 255), 1)
         name = f"event_{ev['line_start']:010d}_{ev['col_start']:05d}.png"
-        cv2.imwrite(str(self.folder / name), pic)
+        if not cv2.imwrite(str(self.folder / name), pic):
+            raise OSError(f"cannot write {self.folder / name}")
         self.written += 1
 
 
 class PreviewSink(Sink):
     """A rolling strip preview (recent lines, map overlaid), replaced atomically."""
+
+    name = "preview"
+    accepts = ("preview",)
+    queue_size = 2          # only the newest pictures matter
 
     def __init__(self, path, max_width: int = 1024):
         self.path = pathlib.Path(path)
@@ -104,64 +147,163 @@ class PreviewSink(Sink):
         self.max_width = int(max_width)
 
     def write(self, record):
-        if record["type"] != "preview":
-            return
         pic = heat_overlay(record["image"], record.get("map"), record["threshold"], record["map_low"])
         if pic.shape[1] > self.max_width:
             f = self.max_width / pic.shape[1]
             pic = cv2.resize(pic, (self.max_width, max(1, int(pic.shape[0] * f))), interpolation=cv2.INTER_AREA)
         tmp = self.path.with_name(self.path.stem + ".tmp.png")
-        cv2.imwrite(str(tmp), pic)
+        if not cv2.imwrite(str(tmp), pic):
+            raise OSError(f"cannot write {tmp}")
         os.replace(tmp, self.path)
 
 
+def check_http_url(url: str, option: str = "--webhook") -> str:
+    """An http(s)://HOST[:PORT]/... URL, or ValueError naming the option."""
+    try:
+        u = urlsplit(url)
+        u.port                   # raises for a port that is not a number in 0..65535
+    except ValueError as e:
+        raise ValueError(f"{option} {url!r}: {e}") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"{option} {url!r}: expected an http:// or https:// URL with a host")
+    return url
+
+
 class WebhookSink(Sink):
-    """HTTP POST of each event as JSON. Failures are counted and logged, never fatal."""
+    """HTTP POST of each event as JSON, `timeout_s` per attempt, retried with backoff."""
+
+    name = "webhook"
+    retries = 3
+    backoff_s = 0.25
 
     def __init__(self, url: str, timeout_s: float = 2.0):
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--webhook {url!r}: expected an http:// or https:// URL")
-        self.url, self.timeout_s = url, float(timeout_s)
-        self.sent = self.failed = 0
+        self.url, self.timeout_s = check_http_url(url), float(timeout_s)
 
     def write(self, record):
-        if record["type"] != "event":
-            return
         body = json.dumps(record["event"]).encode()
         req = urllib.request.Request(self.url, data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+            r.read()
+
+
+COUNTERS = ("written", "dropped", "failed", "retries", "abandoned")
+
+
+class _Lane:
+    """One sink's bounded queue, thread and counters. Every record offered ends in exactly one
+    counter: written, failed, dropped (queue full) or abandoned (still queued or being written when
+    the runner closed); the lock makes taking a record and closing exclusive, so none is lost
+    between them."""
+
+    def __init__(self, sink: Sink, stop: threading.Event):
+        self.sink, self.stop = sink, stop
+        self.size = max(1, int(sink.queue_size))
+        self.items: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.taken = 0              # records taken off the queue by the thread
+        self.done = 0               # of those, records whose outcome is counted
+        self.closed = False
+        self.last_error: Optional[str] = None
+        self.thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
+
+    def offer(self, rec: dict) -> None:
+        with self.cond:
+            if self.closed or len(self.items) >= self.size:
+                self.counts["dropped"] += 1
+                return
+            self.items.append(rec)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.items or self.stop.is_set(), timeout=0.25)
+                if self.closed or (not self.items and self.stop.is_set()):
+                    return
+                if not self.items:
+                    continue
+                rec = self.items.popleft()
+                self.taken += 1
+            outcome = self._write(rec)
+            with self.cond:
+                if self.closed:       # counted as abandoned when the runner closed
+                    return
+                self.counts[outcome] += 1
+                self.done += 1
+
+    def _write(self, rec: dict) -> str:
+        sink = self.sink
+        for attempt in range(sink.retries + 1):
+            try:
+                sink.write(rec)
+                return "written"
+            except SinkOverflow:
+                return "dropped"
+            except Exception as e:   # a failing sink is counted and retried; it never stops others
+                self.last_error = f"{type(e).__name__}: {e}"
+                if attempt == sink.retries or self.stop.wait(sink.backoff_s * 2 ** attempt):
+                    break
+                self.counts["retries"] += 1
+        if self.counts["failed"] % 100 == 0:   # the first failure and every 100th, not one line per event
+            log.warning("sink %s: write failed (%s)", sink.name, self.last_error)
+        return "failed"
+
+    def close(self) -> None:
+        """Stop counting: what is queued or being written now is abandoned."""
+        with self.cond:
+            self.closed = True
+            in_flight = self.taken - self.done
+            self.counts["abandoned"] += len(self.items) + in_flight
+            self.items.clear()
+            self.cond.notify_all()
+
+    def snapshot(self) -> dict:
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
-                r.read()
-            self.sent += 1
-        except (urllib.error.URLError, OSError) as e:
-            self.failed += 1
-            log.warning("webhook %s failed: %s", self.url, e)
+            extra = dict(self.sink.counters())
+        except Exception as e:   # a sink's own figures must never break the snapshot
+            extra = {"counters_error": f"{type(e).__name__}: {e}"}
+        with self.cond:
+            d = {**self.counts, "queued": len(self.items), "last_error": self.last_error, **extra}
+        if extra:
+            d["extra_counters"] = sorted(k for k, v in extra.items() if isinstance(v, (int, float)))
+        return d
 
 
 class SinkRunner:
-    """Runs sinks on their own thread behind a bounded queue."""
+    """Each sink behind its own bounded queue and thread; `offer_*` never blocks."""
 
-    def __init__(self, sinks: Sequence[Sink], queue_size: int = 256, preview_every_s: float = 1.0,
-                 preview_rows: int = 512):
+    def __init__(self, sinks: Sequence[Sink], preview_rows: int = 512):
         self.sinks = list(sinks)
-        self.q: queue.Queue = queue.Queue(queue_size)
         self.stop_event = threading.Event()
-        self.preview_every_s = float(preview_every_s)
+        self.lanes: List[_Lane] = [_Lane(s, self.stop_event) for s in self.sinks]
         self.preview_rows = int(preview_rows)
-        self._last_preview = 0.0
-        self.dropped_previews = 0
-        self.dropped_events = 0
-        self._thread = threading.Thread(target=self._run, name="stream-sinks", daemon=True)
+        self._last_preview = {id(lane): 0.0 for lane in self.lanes}
 
     def start(self):
-        self._thread.start()
+        for lane in self.lanes:
+            lane.thread.start()
         return self
 
+    def _wants(self, kind: str) -> List[_Lane]:
+        return [lane for lane in self.lanes if kind in lane.sink.accepts]
+
     # called from the postprocess thread ---------------------------------------------------
-    def offer_event(self, pipe, ev) -> None:
-        d = ev.to_dict()
-        rec = {"type": "event", "event": d, "threshold": pipe.pixel_threshold, "map_low": pipe.map_low, "crop": None}
+    def offer_event(self, pipe, ev, event: Optional[dict] = None) -> None:
+        """`ev` the DefectEvent, `event` its dict as published (the pipeline adds seq and times;
+        default ev.to_dict())."""
+        lanes = self._wants("event")
+        if not lanes:
+            return
+        lean = {"type": "event", "event": ev.to_dict() if event is None else event}
+        for lane in lanes:
+            if not lane.sink.pixels:
+                lane.offer(lean)
+        lanes = [lane for lane in lanes if lane.sink.pixels]
+        if not lanes:
+            return
+        rec = {**lean, "threshold": pipe.pixel_threshold, "map_low": pipe.map_low, "crop": None}
         pad = 32
         y0, y1 = ev.line_start - pad, ev.line_end + 1 + pad
         x0, x1 = max(0, ev.col_start - pad), min(pipe.assembler.width, ev.col_end + 1 + pad)
@@ -176,20 +318,14 @@ class SinkRunner:
             m = st.map_rows(ya, yb)
             if m is not None:
                 rec["map"] = m[:, x0:x1]
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and not self.stop_event.is_set():
-            try:
-                self.q.put(rec, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-        self.dropped_events += 1
+        for lane in lanes:
+            lane.offer(rec)
 
     def offer_preview(self, pipe, force: bool = False) -> None:
         now = time.monotonic()
-        if not any(isinstance(s, PreviewSink) for s in self.sinks):
-            return
-        if not force and now - self._last_preview < self.preview_every_s:
+        lanes = [lane for lane in self._wants("preview")
+                 if force or now - self._last_preview[id(lane)] >= lane.sink.preview_every_s]
+        if not lanes:
             return
         st = pipe.stitcher
         y1 = st.preview_end
@@ -202,107 +338,50 @@ class SinkRunner:
             return
         rec = {"type": "preview", "image": img.copy(), "map": amap, "threshold": pipe.pixel_threshold,
                "map_low": pipe.map_low}
-        try:
-            self.q.put(rec, timeout=1.0) if force else self.q.put_nowait(rec)
-            self._last_preview = now
-        except queue.Full:
-            self.dropped_previews += 1
+        for lane in lanes:
+            self._last_preview[id(lane)] = now
+            lane.offer(rec)
 
-    # sink thread ---------------------------------------------------------------------------
-    def _run(self):
-        while not (self.stop_event.is_set() and self.q.empty()):
-            try:
-                rec = self.q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            for s in self.sinks:
-                try:
-                    s.write(rec)
-                except Exception as e:  # one bad sink must not stop the others
-                    log.warning("sink %s failed: %s", type(s).__name__, e)
+    def offer_status(self, snapshot: dict) -> None:
+        """The pipeline's live figures (from the stream's main loop, not the pipeline's threads)."""
+        for lane in self._wants("status"):
+            lane.offer({"type": "status", "status": snapshot})
 
-    def close(self, timeout: float = 10.0):
+    def offer_control(self, control: dict) -> None:
+        """An operator action as the pipeline recorded it (runtime.control)."""
+        for lane in self._wants("control"):
+            lane.offer({"type": "control", "control": control})
+
+    # counters and shutdown -----------------------------------------------------------------
+    def snapshot(self) -> Dict[str, dict]:
+        """{sink name: {written, dropped, failed, retries, abandoned, queued, last_error}}."""
+        out: Dict[str, dict] = {}
+        for lane in self.lanes:
+            name, k = lane.sink.name, 2
+            while name in out:
+                name, k = f"{lane.sink.name}#{k}", k + 1
+            out[name] = lane.snapshot()
+        return out
+
+    def close(self, timeout: float = 1.0) -> Dict[str, dict]:
+        """Let the sinks finish what is queued for at most `timeout` s (retries stop waiting),
+        count what is left as abandoned, close the sinks whose thread ended; the final counters."""
         self.stop_event.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        for s in self.sinks:
+        for lane in self.lanes:
+            with lane.cond:
+                lane.cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for lane in self.lanes:
+            if lane.thread.is_alive():
+                lane.thread.join(max(0.0, deadline - time.monotonic()))
+        for lane in self.lanes:
+            lane.close()
+            if lane.thread.is_alive():   # stuck in a write (a peer that never answers): leave it
+                log.warning("sink %s still busy at close; %d records abandoned", lane.sink.name,
+                            lane.counts["abandoned"])
+                continue
             try:
-                s.close()
+                lane.sink.close()
             except Exception as e:
-                log.warning("closing sink %s failed: %s", type(s).__name__, e)
-
-
-# ------------------------------------------------------------------------------------------
-# Prometheus /metrics
-# ------------------------------------------------------------------------------------------
-def prometheus_text(s: dict) -> str:
-    """Prometheus exposition text from a pipeline snapshot."""
-    out: List[str] = []
-
-    def metric(name, typ, help_, samples):
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {typ}")
-        for labels, v in samples:
-            lab = "" if not labels else "{" + ",".join(f'{k}="{v2}"' for k, v2 in labels.items()) + "}"
-            out.append(f"{name}{lab} {float('nan') if v is None else v}")
-
-    metric("edge_ad_lines_in_total", "counter", "Lines produced by the camera", [({}, s["lines_in"])])
-    metric("edge_ad_lines_scored_total", "counter", "Lines scored", [({}, s["lines_scored"])])
-    metric("edge_ad_lines_dropped_total", "counter", "Lines dropped, by reason",
-           [({"reason": r}, v) for r, v in s["dropped"].items()])
-    metric("edge_ad_tiles_scored_total", "counter", "Tiles inferred", [({}, s["tiles_scored"])])
-    metric("edge_ad_events_total", "counter", "Defect events", [({}, s["events"])])
-    metric("edge_ad_engine_errors_total", "counter", "Failed inference calls", [({}, s["engine_errors"])])
-    metric("edge_ad_reconnects_total", "counter", "Camera reconnects", [({}, s["reconnects"])])
-    metric("edge_ad_latency_ms", "summary", "Capture to verdict latency (recent bands)",
-           [({"quantile": q}, s["latency_ms"][k]) for q, k in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))])
-    metric("edge_ad_queue_depth", "gauge", "Items waiting per queue",
-           [({"queue": k}, v) for k, v in s["queues"].items()])
-    metric("edge_ad_lines_per_second", "gauge", "Scored lines per second since start", [({}, s["lines_per_s"])])
-    return "\n".join(out) + "\n"
-
-
-class MetricsServer:
-    """`GET /metrics` in Prometheus text format; binds 127.0.0.1 unless told otherwise."""
-
-    def __init__(self, snapshot_fn: Callable[[], dict], port: int = 0, host: str = "127.0.0.1"):
-        fn = snapshot_fn
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics here")
-                    return
-                body = prometheus_text(fn()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a):
-                pass
-
-        try:
-            self.server = ThreadingHTTPServer((host, int(port)), Handler)
-        except OSError as e:
-            raise ValueError(f"--metrics-port {port}: cannot listen on {host}:{port}: {e}") from None
-        self.server.daemon_threads = True
-        self.host, self.port = host, self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="stream-metrics", daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()
+                log.warning("closing sink %s failed: %s", lane.sink.name, e)
+        return self.snapshot()

@@ -58,6 +58,7 @@ class Band:
     tiles: Optional[np.ndarray] = None  # uint8 (n_tiles, tile_h, tile_w, C)
     last_of_segment: bool = False
     frame: Optional[int] = None  # area cameras: the frame index
+    t_queued_ns: int = 0        # when it last entered a stage queue (queue-wait histograms)
 
     @property
     def owned(self) -> int:
@@ -102,6 +103,13 @@ class RollingRows:
         if y1 - y0 > k or y0 < self.end - k or y1 > self.end or y1 <= y0:
             return None
         return self.img[np.arange(y0, y1) % k]
+
+    def lines(self, lines: np.ndarray) -> Optional[np.ndarray]:
+        """Image rows of the given strip lines (ascending) if all are still held, else None."""
+        k = self.capacity
+        if not len(lines) or lines[0] < self.end - k or lines[-1] >= self.end:
+            return None
+        return self.img[lines % k]
 
 
 class LineAssembler:
@@ -342,14 +350,26 @@ class StripStitcher:
         self._segment = None
         return events
 
+    @property
+    def first_open_line(self) -> int:
+        """The first strip line whose thresholding is not settled yet (rows not final, or final
+        rows of a defect still open): a new threshold applies from here."""
+        return int(self._open_y0 if self._open.shape[0] else self._acc_y0)
+
     def map_rows(self, y0: int, y1: int) -> Optional[np.ndarray]:
         """Final map rows [y0, y1) from the preview ring (-inf for lines never scored), or
         None when they are not all held (too old or not final yet)."""
-        k = self.keep_rows
-        if k == 0 or y1 - y0 > k or y0 < self.preview_end - k or y1 > self.preview_end or y1 <= y0:
+        if y1 <= y0:
             return None
-        lines = np.arange(y0, y1)
-        out = self._pv[lines % k].copy()
+        return self.map_lines(np.arange(y0, y1))
+
+    def map_lines(self, lines: np.ndarray) -> Optional[np.ndarray]:
+        """Final map rows of the given strip lines (ascending; -inf for lines never scored), or
+        None when they are not all held."""
+        k = self.keep_rows
+        if k == 0 or not len(lines) or lines[0] < self.preview_end - k or lines[-1] >= self.preview_end:
+            return None
+        out = self._pv[lines % k]
         out[self._pv_line[lines % k] != lines] = -np.inf
         return out
 

@@ -61,11 +61,15 @@ class AravisSource(Source):
         self.p = p
         self.pixel_format = format_param(p, uri, "Mono8")
         self.mode = mode_param(p, uri, "line")
-        self.timeout = num_param(p, "timeout", uri, 2.0, float, 0.01)
-        self.n_buffers = num_param(p, "buffers", uri, 16, int, 2)
+        self.timeout = num_param(p, "timeout", uri, 2.0, float, 0.01, 60.0)
+        self.n_buffers = num_param(p, "buffers", uri, 16, int, 2, 4096)
+        for key, lo in (("width", 1), ("height", 1), ("x", 0), ("y", 0)):   # checked before any device I/O
+            num_param(p, key, uri, 0, int, lo)
+        self.rate = num_param(p, "rate", uri, 0.0, float, 0.0, 1e8)
         _require_aravis()
         self._cam = self._stream = None
         self._tracker = IndexTracker()
+        self._end_number = None     # set at close from the buffers still queued in the driver
 
     def _open(self) -> None:
         # a reopened device may restart its frame counter: number buffers afresh (the
@@ -88,7 +92,7 @@ class AravisSource(Source):
             h = num_param(p, "height", uri, 64 if self.mode == "line" and "height" not in p else h, int, 1)
             cam.set_region(num_param(p, "x", uri, 0, int, 0), num_param(p, "y", uri, 0, int, 0), w, h)
             _, _, w, h = cam.get_region()
-            rate = num_param(p, "rate", uri, 0.0, float, 0.0)
+            rate = self.rate
             if rate:
                 # line mode: rate is the line rate; the fake camera paces frames
                 cam.set_frame_rate(rate / h if self.mode == "line" else rate)
@@ -105,14 +109,31 @@ class AravisSource(Source):
         self.meta = CameraMeta(self.pixel_format, int(w), int(h), self.mode,
                                fr * h if self.mode == "line" else fr, f"aravis {cam.get_model_name()}")
         self._consecutive_timeouts = 0
+        self._end_number = None
 
     def _close(self) -> None:
         try:
+            if self._stream is not None and self._tracker.number >= 0:
+                self._end_number = self._drain()
             if self._cam is not None:
                 self._cam.stop_acquisition()
         finally:
             self._stream = None
             self._cam = None
+
+    def _drain(self) -> int:
+        """At close: the buffers the driver still holds were produced but never read; their frame
+        ids say how far the camera got (end_index). Returns one past the last buffer number."""
+        while True:
+            buf = self._stream.try_pop_buffer()
+            if buf is None:
+                return self._tracker.number + 1
+            self._tracker.next(int(buf.get_frame_id()))
+
+    def end_index(self) -> Optional[int]:
+        if self._end_number is None:
+            return None
+        return self._end_number * self.meta.height if self.mode == "line" else self._end_number
 
     def _read(self) -> Optional[Buffer]:
         Aravis = _Aravis

@@ -65,7 +65,9 @@ class GenICamSource(Source):
         p.update({k: str(v) for k, v in overrides.items()})
         self.p = p
         self.pixel_format = format_param(p, uri, "Mono8")
-        self.timeout = num_param(p, "timeout", uri, 3.0, float, 0.01)
+        self.timeout = num_param(p, "timeout", uri, 3.0, float, 0.01, 60.0)
+        for key, lo in (("width", 1), ("height", 1), ("device", 0)):   # checked before any device I/O
+            num_param(p, key, uri, 0, int, lo)
         self._h = self._ia = None
         self._tracker = IndexTracker(wrap=1 << 64)
 

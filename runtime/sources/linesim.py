@@ -21,8 +21,8 @@ from urllib.parse import unquote, urlsplit
 import cv2
 import numpy as np
 
-from .base import (Buffer, CameraMeta, IMAGE_SUFFIXES, Source, SourceDisconnected, SourceError, format_param,
-                   image_files, num_param, query_params, read_image, to_format)
+from .base import (Buffer, CameraMeta, IMAGE_SUFFIXES, Source, SourceDisconnected, SourceError, check_fits,
+                   format_param, image_files, num_param, prob_param, query_params, read_image, to_format)
 
 
 @dataclass
@@ -54,12 +54,21 @@ class LineSimSource(Source):
     Faults: drop=P drops a buffer with probability P (index jump); corrupt=P delivers an
     incomplete buffer; stall=LINE:SECONDS pauses delivery once before that line (nothing lost:
     the buffers arrive late); disconnect=LINE raises SourceDisconnected once when that line is
-    reached; after reopen the camera has kept running, so the lines in between are a gap.
+    reached (or passed: a late reader that skips it still sees the fault); after reopen the
+    camera has kept running, so the lines in between are a gap.
+
+    Ground truth for the accounting: line ids start at 0 (`first_index`) and `end_index()` is the
+    camera's line counter (after close: where acquisition stopped), so lines lost before the
+    first or after the last buffer read are countable. Parameters are validated at construction
+    (probabilities in [0, 1], finite rates, the memory synthetic pages and a buffer need).
     """
 
     kind_name = "linesim"
     PARAMS = ("width", "rate", "lines", "images", "defects", "drop", "corrupt", "stall",
               "disconnect", "total", "format", "seed", "kind", "queue", "page", "pages", "once", "max_mb")
+    MAX_SYNTH_PAGES = 64
+    MIN_RATE, MAX_RATE = 1e-3, 1e8      # lines/s (0 = as fast as read)
+    MAX_STALL_S = 3600.0
 
     def __init__(self, uri: str, **overrides):
         super().__init__(uri)
@@ -67,17 +76,26 @@ class LineSimSource(Source):
         p = query_params(u.query, uri, self.PARAMS)
         p.update({k: str(v) for k, v in overrides.items()})
         self.width = num_param(p, "width", uri, 4096, int, 1)
-        self.rate = num_param(p, "rate", uri, 20000.0, float, 0.0)
+        self.rate = num_param(p, "rate", uri, 20000.0, float, 0.0, self.MAX_RATE)
+        if 0 < self.rate < self.MIN_RATE:
+            raise SourceError(f"{uri}: parameter rate={self.rate:g} must be 0 (as fast as read) or "
+                              f">= {self.MIN_RATE:g} lines/s")
         self.lines = num_param(p, "lines", uri, 64, int, 1)
         self.total = num_param(p, "total", uri, 0, int, 0)          # 0 = endless
-        self.drop_p = num_param(p, "drop", uri, 0.0, float, 0.0)
-        self.corrupt_p = num_param(p, "corrupt", uri, 0.0, float, 0.0)
-        self.seed = num_param(p, "seed", uri, 0, int)
-        self.queue = num_param(p, "queue", uri, 16, int, 1)
+        self.drop_p = prob_param(p, "drop", uri)
+        self.corrupt_p = prob_param(p, "corrupt", uri)
+        self.seed = num_param(p, "seed", uri, 0, int, 0)
+        # the camera's buffer queue: 16 buffers, and never under 1024 lines (1-line buffers)
+        self.queue = num_param(p, "queue", uri, max(16, -(-1024 // self.lines)), int, 1, 1 << 20)
         self.page = num_param(p, "page", uri, 0, int, 0)            # synthetic page height (0 = width)
         self.pixel_format = format_param(p, uri, "Mono8")
         self.synthetic_kind = p.get("kind", "texture")
         self.images_dir = pathlib.Path(unquote(p["images"])) if p.get("images") else None
+        self.n_pages = num_param(p, "pages", uri, 4, int, 1, self.MAX_SYNTH_PAGES)
+        row = self.width * (3 if self.pixel_format == "RGB8" else 1)
+        check_fits([("one buffer", self.lines * row)] if self.images_dir is not None else
+                   [(f"{self.n_pages} pages", self.n_pages * (self.page or self.width) * row),
+                    ("one buffer", self.lines * row)], uri)
         if self.images_dir is not None:
             if not self.images_dir.is_dir():
                 raise SourceError(f"{uri}: images={self.images_dir} is not a folder")
@@ -96,13 +114,17 @@ class LineSimSource(Source):
             self.disconnects = sorted(int(x) for x in p.get("disconnect", "").split(",") if x.strip())
         except ValueError:
             raise SourceError(f"{uri}: disconnect= expects line indices separated by ','") from None
+        if any(x < 0 for x in self.disconnects):
+            raise SourceError(f"{uri}: disconnect= line indices must be >= 0")
         self.meta = CameraMeta(self.pixel_format, self.width, self.lines, "line",
                                self.rate or None, f"linesim {self.width}px")
-        self.n_pages = num_param(p, "pages", uri, 4, int, 1)
+        self.first_index = 0
+        self._stopped_at = None     # the line counter frozen at close (acquisition stop)
+        self._ended = False         # the strip ended (total reached)
         self.once = bool(num_param(p, "once", uri, 0, int, 0))
         if self.once and self.images_dir is None:
             raise SourceError(f"{uri}: once=1 replays an images= folder once; give images=DIR")
-        self.max_mb = num_param(p, "max_mb", uri, 2048.0, float, 1.0)
+        self.max_mb = num_param(p, "max_mb", uri, 2048.0, float, 1.0, 1e9)
         self._pages = None
         self._rng = np.random.default_rng(self.seed)
         self._t0 = None
@@ -124,8 +146,9 @@ class LineSimSource(Source):
                 vals = [int(b) for b in bits]
             except ValueError:
                 vals = []
-            if len(vals) not in (3, 4) or vals[2] < 1:
-                raise SourceError(f"{uri}: defects entry {part!r}; expected LINE:COL:RADIUS[:VALUE]")
+            if len(vals) not in (3, 4) or vals[2] < 1 or (len(vals) == 4 and not 0 <= vals[3] <= 255):
+                raise SourceError(f"{uri}: defects entry {part!r}; expected LINE:COL:RADIUS[:VALUE] "
+                                  "(RADIUS >= 1, VALUE 0..255)")
             out.append(InjectedDefect(*vals))
         return out
 
@@ -135,9 +158,13 @@ class LineSimSource(Source):
         for part in filter(None, (s.strip() for s in text.replace(",", ";").split(";"))):
             try:
                 a, b = part.split(":")
-                out.append((int(a), float(b)))
+                line, secs = int(a), float(b)
             except ValueError:
                 raise SourceError(f"{uri}: {name} entry {part!r}; expected LINE:SECONDS") from None
+            if line < 0 or not 0 <= secs <= LineSimSource.MAX_STALL_S:
+                raise SourceError(f"{uri}: {name} entry {part!r}; expected LINE >= 0 and "
+                                  f"0 <= SECONDS <= {LineSimSource.MAX_STALL_S:g}")
+            out.append((line, secs))
         return out
 
     # -- content ------------------------------------------------------------------------
@@ -219,9 +246,35 @@ class LineSimSource(Source):
         return m
 
     # -- streaming ----------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        return self.rate > 0
+
+    def _counter(self) -> int:
+        """The camera's line counter now: lines produced (read, lost or waiting in its queue)."""
+        if self._t0 is None:
+            return 0                      # acquisition starts with the first read
+        done = self._next_buffer
+        if self.rate > 0 and not self._ended:
+            done = max(done, int((time.monotonic_ns() - self._t0) * 1e-9 * self.rate) // self.lines)
+        line = done * self.lines
+        return min(line, self.total) if self.total else line
+
+    def end_index(self) -> Optional[int]:
+        return self._stopped_at if self._stopped_at is not None else self._counter()
+
+    @property
+    def lines_produced(self) -> int:
+        """Ground truth: lines the simulated camera produced until now / until it was closed."""
+        return self.end_index()
+
+    def _close(self) -> None:
+        self._stopped_at = self._counter()
+
     def _open(self) -> None:
         if self._pages is None:
             self._load_pages()
+        self._stopped_at = None
         now = time.monotonic_ns()
         if self._t0 is not None:
             # the camera kept running while we were away: resume at the current line
@@ -244,23 +297,28 @@ class LineSimSource(Source):
             k = self._next_buffer
             start = k * self.lines
             if self.total and start >= self.total:
+                self._ended = True
                 return None
             n = self.lines if not self.total else min(self.lines, self.total - start)
+            # faults fire at their line, or at the first buffer after it when a late reader's
+            # lost buffers skipped it
             for line in self.disconnects:
-                if line not in self._disc_done and start <= line < start + n:
+                if line not in self._disc_done and line < start + n:
                     self._disc_done.add(line)
                     raise SourceDisconnected(f"{self.uri}: simulated disconnect at line {line}")
             for line, secs in self.stalls:
-                if line not in self._stall_done and start <= line < start + n:
+                if line not in self._stall_done and line < start + n:
                     self._stall_done.add(line)
-                    time.sleep(secs)
+                    if self._interrupt.wait(secs):
+                        return None
                     # a stall delays delivery; the camera buffers what it can (queue) and
                     # loses the rest (handled by the lateness check below)
             if self.rate > 0:
                 now = time.monotonic_ns()
                 due = self._due_ns(k)
                 if now < due:
-                    time.sleep((due - now) * 1e-9)
+                    if self._interrupt.wait((due - now) * 1e-9):
+                        return None
                 else:
                     # buffers that are more than `queue` buffers late were overwritten
                     behind = int((now - self._t0) * 1e-9 * self.rate) // self.lines - k

@@ -1,9 +1,16 @@
 """Video files, RTSP streams, V4L2 devices and image folders through OpenCV (area sources).
 
-  file.mp4 / rtsp://... / v4l2:///dev/video0 / DIR (images)
+  file.mp4[?rate=FPS] / rtsp://... / v4l2:///dev/video0 / DIR[?rate=FPS&loop=N] (images)
+
+A recording is replayed like a camera when it is paced: a video file at its own frame rate by
+default (rate=FPS overrides it, rate=0 reads as fast as the stream takes frames), an image folder
+only when rate= is given. An unpaced recording is not live: the stream waits for it instead of
+dropping frames. An image that cannot be decoded (empty, garbage, truncated) is a corrupt frame:
+counted, not scored, and the folder goes on.
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 import time
 from typing import Optional
@@ -14,6 +21,8 @@ import numpy as np
 
 from .base import (Buffer, CameraMeta, IMAGE_SUFFIXES, Source, SourceDisconnected, SourceError, format_param,
                    image_files, num_param, query_params, read_image, to_format)
+
+log = logging.getLogger("runtime.sources")
 
 
 class OpenCVSource(Source):
@@ -30,6 +39,8 @@ class OpenCVSource(Source):
         self.pixel_format = format_param(p, uri, "RGB8")
         self.loop = num_param(p, "loop", uri, 0, int, 0)
         self.rate = num_param(p, "rate", uri, 0.0, float, 0.0)
+        self._rate_given = "rate" in p
+        self.camera = u.scheme in ("rtsp", "v4l2")
         if u.scheme == "rtsp":
             self.target, self.files = uri, None
         elif u.scheme == "v4l2":
@@ -47,13 +58,30 @@ class OpenCVSource(Source):
                 self.target, self.files = path, None
             else:
                 raise SourceError(f"{uri}: no such file or folder")
+        self.first_index = 0
         self._cap = None
         self._i = 0
         self._t_last = None
+        self._pending = None
+
+    @property
+    def live(self) -> bool:
+        return self.camera or self.rate > 0
+
+    def _first_image(self) -> np.ndarray:
+        """The first decodable image of the folder (sets the frame size); damaged ones before it
+        are still read, and counted as corrupt, by _read."""
+        errors = []
+        for f in self.files:
+            try:
+                return read_image(f)
+            except SourceError as e:
+                errors.append(str(e))
+        raise SourceError(f"{self.uri}: no readable image in the folder (first: {errors[0]})")
 
     def _open(self) -> None:
         if self.files is not None:
-            first = to_format(read_image(self.files[0]), self.pixel_format)
+            first = to_format(self._first_image(), self.pixel_format)
         else:
             src = self.target
             if isinstance(src, str) and src.startswith("/dev/video"):
@@ -68,8 +96,8 @@ class OpenCVSource(Source):
             self._pending = frame
             first = to_format(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), self.pixel_format)
             fps = self._cap.get(cv2.CAP_PROP_FPS)
-            self.rate = self.rate or 0.0
-            self._fps = fps if fps and fps > 0 else None
+            if not self.camera and not self._rate_given and fps and 0 < fps < 10_000:
+                self.rate = float(fps)     # a recording plays at its own frame rate
         self.meta = CameraMeta(self.pixel_format, int(first.shape[1]), int(first.shape[0]), "area",
                                self.rate or None, str(self.target))
 
@@ -78,36 +106,44 @@ class OpenCVSource(Source):
             self._cap.release()
             self._cap = None
 
-    def _pace(self):
-        if self.rate > 0:
+    def _pace(self) -> bool:
+        """Wait for the next frame's time (rate > 0); False when interrupted."""
+        if self.rate > 0 and not self.camera:
             now = time.monotonic()
             if self._t_last is not None:
                 wait = self._t_last + 1.0 / self.rate - now
-                if wait > 0:
-                    time.sleep(wait)
+                if wait > 0 and self._interrupt.wait(wait):
+                    return False
             self._t_last = time.monotonic()
+        return True
 
     def _read(self) -> Optional[Buffer]:
-        self._pace()
+        if not self._pace():
+            return None
+        i = self._i
         if self.files is not None:
             n = len(self.files)
-            if self._i >= n * max(self.loop, 1):   # loop=N plays the folder N times
+            if i >= n * max(self.loop, 1):   # loop=N plays the folder N times
                 return None
-            img = read_image(self.files[self._i % n])
+            self._i += 1
+            try:
+                img = read_image(self.files[i % n])
+            except SourceError as e:      # one bad file is one corrupt frame, never the end
+                log.warning("%s", e)
+                return Buffer(None, i, self.meta.height, time.monotonic_ns(), "corrupt", str(e))
         else:
-            if getattr(self, "_pending", None) is not None:
+            if self._pending is not None:
                 frame, self._pending = self._pending, None
                 ok = True
             else:
                 ok, frame = self._cap.read()
             if not ok:
-                if isinstance(self.target, str) and (self.target.startswith("rtsp") or self.target.startswith("/dev/")):
+                if self.camera:
                     raise SourceDisconnected(f"{self.uri}: no frame (stream lost)")
                 return None
+            self._i += 1
             img = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         img = to_format(img, self.pixel_format)
-        i = self._i
-        self._i += 1
         t = time.monotonic_ns()
         if img.shape[:2] != (self.meta.height, self.meta.width):
             img = cv2.resize(img, (self.meta.width, self.meta.height), interpolation=cv2.INTER_AREA)

@@ -47,8 +47,11 @@ class PylonSource(Source):
         self.p = p
         self.pixel_format = format_param(p, uri, "Mono8")
         self.mode = mode_param(p, uri, "area")
-        self.timeout = num_param(p, "timeout", uri, 2.0, float, 0.01)
-        self.fail = num_param(p, "fail", uri, 0, int, 0)
+        self.timeout = num_param(p, "timeout", uri, 2.0, float, 0.01, 60.0)
+        self.fail = num_param(p, "fail", uri, 0, int, 0, 1 << 20)
+        for key in ("width", "height"):           # checked before any device I/O
+            num_param(p, key, uri, 0, int, 1)
+        num_param(p, "rate", uri, 0.0, float, 0.0, 1e8)
         if p.get("images") and not pathlib.Path(unquote(p["images"])).is_dir():
             raise SourceError(f"{uri}: images={p['images']} is not a folder")
         self.pylon = _require_pylon(1 if self.host == "emu" else 0)
@@ -89,7 +92,7 @@ class PylonSource(Source):
                     cam.TestImageSelector.SetValue("Off")
                 except Exception:
                     pass
-            rate = num_param(p, "rate", uri, 0.0, float, 0.0)
+            rate = num_param(p, "rate", uri, 0.0, float, 0.0, 1e8)
             if rate:
                 fr = rate / cam.Height.GetValue() if self.mode == "line" else rate
                 node = cam.AcquisitionFrameRateAbs if hasattr(cam, "AcquisitionFrameRateAbs") else cam.AcquisitionFrameRate

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deploy.artifacts import read_metadata, sha256_file, sidecar_path
+from deploy.contract import SIDECAR_ONLY_KEYS
 from models.checkpoint import checkpoint_metadata
 from deploy.graph import DeployModule
 
@@ -105,7 +106,7 @@ def test_metadata_round_trip(onnx_chunked, tiny_model):
     assert side["artifact_sha256"] == sha256_file(path)
     assert side["parity"]["passed"] is True
     embedded = {p.key: p.value for p in onnx.load(str(path)).metadata_props}["edge_ad"]
-    assert json.loads(embedded) == {k: v for k, v in side.items() if k not in ("artifact_sha256", "parity")}
+    assert json.loads(embedded) == {k: v for k, v in side.items() if k not in SIDECAR_ONLY_KEYS}
     # the normalised score in the graph uses exactly these stats
     assert meta["score_stats"]["threshold"] == pytest.approx(tiny_model.score_stats.threshold)
 

@@ -75,3 +75,19 @@ def test_state_size_limit_uses_chunked():
     kw = make_scan_inputs(1, 2, 5, cpu_scan.MAX_STATE + 1, 1, seed=45)
     assert not cpu_scan.supports(kw["u"], kw["A"])
     assert _rel_err(selective_scan(**kw), selective_scan_ref(**to_double(kw))) <= 1e-5
+
+
+def test_loading_the_kernel_keeps_subnormal_floats(fused, tmp_path):
+    """The library must not switch the process to flush-to-zero (what linking with -ffast-math does
+    through crtfastmath.o): a fresh interpreter builds and loads it, then halves the smallest normal."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from kernels import cpu_scan; assert cpu_scan.available(), cpu_scan.unavailable_reason(); "
+            "tiny = 2.2250738585072014e-308; print(tiny / 4 > 0)")
+    env = {**os.environ, "EDGE_AD_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"

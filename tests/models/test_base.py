@@ -60,6 +60,7 @@ def _write_pre_fix_checkpoint(net, path):
     assert len(sd) == len(net.state_dict()) - 1
     meta = C.checkpoint_metadata(net)
     meta["preprocess"].update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    meta["format_version"] = 1          # that layout predates metadata hashing
     torch.save({"meta_json": json.dumps(meta), "state_dict": sd, "sha256": C._digest(sd)}, path)
 
 

@@ -1,6 +1,8 @@
 """model.pt: exact round trip, and one CheckpointError (naming the file) for every bad file."""
+import hashlib
 import io
 import json
+import logging
 import zipfile
 
 import pytest
@@ -91,8 +93,16 @@ def test_foreign_files(tmp_path):
     # a pickle that would run code / build arbitrary objects is refused by weights_only
     e = tmp_path / "evil.pt"
     torch.save({"meta_json": "{}", "state_dict": {}, "obj": io.BytesIO(b"x")}, e)
-    _assert_one_clear_error(e, "weights_only")
+    msg = _assert_one_clear_error(e, "weights_only")
+    assert "BytesIO" in msg and "weights_only=False" not in msg and "Re-running" not in msg
     _assert_one_clear_error(tmp_path / "absent.pt", "not found")
+
+
+def _signed(blob, meta):
+    """The blob with new metadata and a matching meta_sha256 (a consistent file a buggy writer
+    could produce), to reach the checks behind the hash."""
+    text = json.dumps(meta)
+    return dict(blob, meta_json=text, meta_sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def test_tampered_weights_and_metadata(saved, tmp_path):
@@ -108,18 +118,70 @@ def test_tampered_weights_and_metadata(saved, tmp_path):
     meta = json.loads(blob["meta_json"])
     meta["format_version"] = 99
     p2 = tmp_path / "newer.pt"
-    torch.save(dict(blob, meta_json=json.dumps(meta)), p2)
+    torch.save(_signed(blob, meta), p2)
     _assert_one_clear_error(p2, "newer")
     meta = json.loads(blob["meta_json"])
     meta["config"]["dims"] = [64, 32, 16, 16]          # config that no longer fits the weights
     p3 = tmp_path / "mismatch.pt"
-    torch.save(dict(blob, meta_json=json.dumps(meta)), p3)
+    torch.save(_signed(blob, meta), p3)
     _assert_one_clear_error(p3, "do not fit")
     meta = json.loads(blob["meta_json"])
     meta["config"]["no_such_field"] = 1
     p4 = tmp_path / "badcfg.pt"
-    torch.save(dict(blob, meta_json=json.dumps(meta)), p4)
+    torch.save(_signed(blob, meta), p4)
     _assert_one_clear_error(p4, "no_such_field")
+
+
+def test_edited_threshold_is_refused_by_the_metadata_hash(saved, tmp_path):
+    """Issue 16: the weights' hash alone let an edited threshold (99: no event ever) through."""
+    _, path = saved
+    blob = torch.load(path, weights_only=True)
+    assert blob["meta_sha256"] == hashlib.sha256(blob["meta_json"].encode()).hexdigest()
+    meta = json.loads(blob["meta_json"])
+    meta["score_stats"]["threshold"] = 99.0
+    p = tmp_path / "edited.pt"
+    torch.save(dict(blob, meta_json=json.dumps(meta)), p)
+    _assert_one_clear_error(p, "does not match its stored meta_sha256")
+    unsigned = dict(blob)
+    del unsigned["meta_sha256"]
+    torch.save(unsigned, p)                      # a version-2 file without its hash
+    _assert_one_clear_error(p, "has no meta_sha256")
+
+
+def test_version_1_checkpoint_loads_with_a_warning(saved, tmp_path, caplog):
+    model, path = saved
+    blob = torch.load(path, weights_only=True)
+    meta = json.loads(blob["meta_json"])
+    meta["format_version"] = 1
+    old = {k: v for k, v in blob.items() if k != "meta_sha256"}
+    old["meta_json"] = json.dumps(meta)
+    p = tmp_path / "v1.pt"
+    torch.save(old, p)
+    with caplog.at_level(logging.WARNING, logger="models.checkpoint"):
+        loaded = load_checkpoint(p)
+    assert loaded.score_stats == model.score_stats
+    assert any("predates metadata hashing" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("meta,needle", [
+    ([1, 2, 3], "holds a JSON list, expected an object"),
+    ("text", "holds a JSON str"),
+    ({"format": "edge-ad-checkpoint", "format_version": "2"}, "format_version '2'; expected an integer"),
+    ({"format": "edge-ad-checkpoint", "format_version": 1.5}, "format_version 1.5"),
+    ({"format": "edge-ad-checkpoint", "format_version": True}, "format_version True"),
+    ({"format": "edge-ad-checkpoint", "format_version": 2, "model": "dvad", "score_stats": {"threshold": "x"}},
+     "score_stats.threshold='x'"),
+    ({"format": "edge-ad-checkpoint", "format_version": 2, "model": "dvad", "score_stats": {"threshold": float("nan")}},
+     "score_stats.threshold=nan"),
+    ({"format": "edge-ad-checkpoint", "format_version": 2, "model": "dvad", "class_names": [1]}, "class_names"),
+    ({"format": "edge-ad-checkpoint", "format_version": 2, "config": []}, "field config is list"),
+])
+def test_malformed_metadata_is_one_clear_error(saved, tmp_path, meta, needle):
+    _, path = saved
+    blob = torch.load(path, weights_only=True)
+    p = tmp_path / "bad.pt"
+    torch.save(_signed(blob, meta), p)
+    _assert_one_clear_error(p, needle)
 
 
 def test_flipped_bytes_never_escape_as_other_errors(saved, tmp_path):

@@ -113,3 +113,29 @@ def test_calibrate_cli_errors_are_one_line(onnx_artifact, tmp_path, capsys):
                  "--false-alarms-per-100-images", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "nope" in err and "Traceback" not in err
+
+
+def test_calibrate_write_signs_the_threshold_the_stream_then_uses_and_prints(onnx_artifact, synthetic_set, tmp_path,
+                                                                             capsys):
+    import json
+    import shutil
+
+    from runtime.calibrate import main
+    from runtime.stream import main as stream_main
+
+    art = tmp_path / "model.onnx"
+    shutil.copy(onnx_artifact, art)
+    shutil.copy(str(onnx_artifact) + ".json", str(art) + ".json")
+    assert main(["--engine", str(art), "--normal", str(synthetic_set / "train" / "good"), "--width", "160",
+                 "--false-alarms-per-100-images", "20", "--val-data", str(synthetic_set), "--write"]) == 0
+    written = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    side = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert side["runtime"] == written and written["calibration"]["target"] == 20.0
+    out = tmp_path / "run"
+    assert stream_main(["--engine", str(art), "--source", "linesim://?width=160&rate=0&lines=64&total=640",
+                        "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pixel_threshold"] == pytest.approx(written["pixel_threshold"])
+    assert "from runtime section" in said and "calibration: pixel threshold" in said, said
+    assert "expected defect recall" in said

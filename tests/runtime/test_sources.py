@@ -92,18 +92,39 @@ def test_image_folder_frames_equal_the_files(tmp_path):
     np.testing.assert_array_equal(gray[1].data, cv2.cvtColor(imgs[1], cv2.COLOR_RGB2GRAY))
 
 
-def test_video_file_frames(tmp_path):
-    path = tmp_path / "clip.avi"
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 32))
+def _clip(path, fps, n, step):
+    """An MJPG clip of n flat frames (value step * i); skips where OpenCV cannot write one."""
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (48, 32))
     if not w.isOpened():
         pytest.skip("this OpenCV build cannot write MJPG video")
-    for i in range(5):
-        w.write(np.full((32, 48, 3), 40 * i, np.uint8))
+    for i in range(n):
+        w.write(np.full((32, 48, 3), step * i, np.uint8))
     w.release()
-    bufs = _collect(open_source(str(path)))
+    return path
+
+
+def test_video_file_frames(tmp_path):
+    path = _clip(tmp_path / "clip.avi", 10, 5, 40)
+    bufs = _collect(open_source(f"{path}?rate=0"))
     assert len(bufs) == 5
     means = [float(b.data.mean()) for b in bufs]
     assert all(abs(m - 40 * i) < 4 for i, m in enumerate(means))
+
+
+def test_video_file_plays_at_its_frame_rate(tmp_path):
+    """Issue 16: a recording replayed unpaced was mostly dropped under drop-oldest; it now plays at
+    its own frame rate (live, like the camera that recorded it), or as fast as taken with rate=0
+    (not live: the stream waits for it)."""
+    path = _clip(tmp_path / "clip.avi", 20, 8, 30)
+    src = open_source(str(path))
+    with src:
+        t0 = time.monotonic()
+        n = sum(1 for _ in src)
+        dt = time.monotonic() - t0
+    assert n == 8 and src.live and dt >= 7 / 20 * 0.9        # 8 frames at 20 fps: >= 0.35 s
+    fast = open_source(f"{path}?rate=0")
+    with fast:
+        assert sum(1 for _ in fast) == 8 and not fast.live
 
 
 # ------------------------------------------------------------------------------------------
@@ -140,6 +161,19 @@ def test_aravis_fake_camera_line_mode(fake_gige):
         assert b.status == "ok" and b.data.shape == (16, 320) and b.data.dtype == np.uint8
     idx = [b.index for b in bufs]
     assert all(i % 16 == 0 for i in idx) and all(b > a for a, b in zip(idx, idx[1:]))
+
+
+@pytest.mark.stack("aravis")
+def test_aravis_buffers_left_in_the_driver_at_close_count_as_produced(fake_gige):
+    """Issue 16: lines after the last buffer read were never counted. The driver's queued buffers
+    (16 here; the camera fills them while the reader sleeps) are the camera's own count of how
+    far it got: end_index() after close."""
+    src = open_source("aravis://127.0.0.1?width=64&height=32&rate=3200&buffers=16")
+    with src:
+        first = src.read()
+        assert src.end_index() is None            # unknown while acquiring
+        time.sleep(0.6)                           # 100 frames/s: the 16 driver buffers fill up
+    assert first.index == 0 and src.end_index() == (1 + 16) * 32
 
 
 def _pylon():
