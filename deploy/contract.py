@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Sequence, Tuple
+import pathlib
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -215,3 +216,15 @@ def preprocess_frames(frames: np.ndarray, input_size: int, mean: Sequence[float]
     std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     scale = np.float32(1.0) / (np.float32(255.0) * std)
     return np.ascontiguousarray((x * scale - mean / std).astype(np.float32))
+
+
+# ---- image folders (replayed as cameras, calibration frames) --------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder, skip_masks: bool = False) -> List[pathlib.Path]:
+    """The image files under `folder` (recursive, sorted); `skip_masks` leaves out an MVTec
+    layout's ground-truth masks (ground_truth/ folders, *_mask files)."""
+    return sorted(p for p in pathlib.Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not (skip_masks and ("ground_truth" in p.parts or p.stem.endswith("_mask"))))
+

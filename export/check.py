@@ -22,11 +22,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from deploy import Engine, load_engine, read_metadata, write_sidecar
+from deploy.contract import IMAGE_SUFFIXES, image_files
 from deploy.torch_engines import TorchEngine
 
 from ._common import ExportError, load_model
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class ParityError(ExportError):
@@ -122,11 +122,6 @@ class ParityResult:
 
 
 # ---- frames -----------------------------------------------------------------------------
-def _list_images(folder: pathlib.Path) -> List[pathlib.Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and "ground_truth" not in p.parts and not p.stem.endswith("_mask"))
-
-
 def read_frame(path, frame_hw, channels: int) -> np.ndarray:
     """One uint8 frame (H, W, C) as the deployed graph takes it: gray or RGB, INTER_AREA resize."""
     import cv2
@@ -147,7 +142,7 @@ def load_frames(images, n: int, frame_hw, channels: int) -> Tuple[np.ndarray, st
     folder = pathlib.Path(images)
     if not folder.is_dir():
         raise ValueError(f"images: {folder} is not a folder of images")
-    files = _list_images(folder)
+    files = image_files(folder, skip_masks=True)
     if not files:
         raise ValueError(f"images: no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     idx = np.linspace(0, len(files) - 1, num=min(n, len(files))).round().astype(int)

@@ -31,7 +31,9 @@ from deploy import Engine
 
 from .pipeline import Pipeline, StreamConfig
 from .sources import open_source
-from .sources.base import image_files, read_image, to_format
+from deploy.contract import image_files
+
+from .sources.base import read_image, to_format
 from .tiling import DefectEvent, StripStitcher
 
 GOOD = "good"

@@ -27,8 +27,10 @@ import os
 from typing import Callable, Dict
 from urllib.parse import urlsplit
 
+from deploy.contract import IMAGE_SUFFIXES
+
 from .aravis import AravisSource
-from .base import (Buffer, CameraMeta, IMAGE_SUFFIXES, Source, SourceDisconnected, SourceError,
+from .base import (Buffer, CameraMeta, Source, SourceDisconnected, SourceError,
                    VIDEO_SUFFIXES, to_format)
 from .genicam import GenICamSource, genicam_simulator_cti
 from .linesim import InjectedDefect, LineSimSource

@@ -17,7 +17,6 @@ import numpy as np
 
 from deploy.contract import PIXEL_FORMATS, channels_of
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
@@ -145,10 +144,6 @@ def to_format(img: np.ndarray, pixel_format: str) -> np.ndarray:
     if pixel_format == "Mono8":
         return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     return img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-
-
-def image_files(folder: pathlib.Path) -> List[pathlib.Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

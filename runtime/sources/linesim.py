@@ -21,8 +21,10 @@ from urllib.parse import unquote, urlsplit
 import cv2
 import numpy as np
 
-from .base import (Buffer, CameraMeta, IMAGE_SUFFIXES, Source, SourceDisconnected, SourceError, check_fits,
-                   format_param, image_files, num_param, prob_param, query_params, read_image, to_format)
+from deploy.contract import IMAGE_SUFFIXES, image_files
+
+from .base import (Buffer, CameraMeta, Source, SourceDisconnected, SourceError, check_fits,
+                   format_param, num_param, prob_param, query_params, read_image, to_format)
 
 
 @dataclass

@@ -71,3 +71,16 @@ def test_names_and_formats_are_one():
         contract.pixel_format(2)
     with pytest.raises(ValueError, match="Mono8"):
         contract.channels_of("BayerRG8")
+
+
+def test_image_files_lists_images_recursively_and_skips_masks_when_asked(tmp_path):
+    from deploy.contract import image_files
+
+    names = ["b/2.PNG", "a.jpg", "c/3.tiff", "notes.txt", "ground_truth/crack/4.png", "5_mask.png"]
+    for n in names:
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "d.png").mkdir()                       # a folder named like an image is not one
+    rel = lambda fs: [f.relative_to(tmp_path).as_posix() for f in fs]   # noqa: E731
+    assert rel(image_files(tmp_path)) == ["5_mask.png", "a.jpg", "b/2.PNG", "c/3.tiff", "ground_truth/crack/4.png"]
+    assert rel(image_files(tmp_path, skip_masks=True)) == ["a.jpg", "b/2.PNG", "c/3.tiff"]
