@@ -34,6 +34,9 @@ from .base import AnomalyModel
 STRIDES = (4, 8, 16)
 SCHEDULES = ("step", "cosine")
 RECIPE_BUFFER = "recipe_version"       # 0-d uint8: 1 = scored with the recipe fields, 0 = older checkpoint
+# fields that decide only how a trained model scores, not its weights: `models.train --resume` of a
+# finished run may change them (re-scoring the same weights, recalibrated and re-validated)
+SCORING_FIELDS = ("blur_sigma", "score_topk", "map_strides")
 
 
 @dataclass

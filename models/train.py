@@ -23,7 +23,10 @@ What it does
   * optimiser: AdamW, lr = config.lr * batch / 16 (unless --lr), weight decay config.weight_decay
     (1e-4), the schedule's multiplier set every step (`lr_factor`), gradient norm clipped at 5.
   * resumable: after every epoch `<out>.state` holds weights, optimiser state, epoch, loss history
-    (plain tensors / numbers, loaded with weights_only=True); --resume continues from it.
+    (plain tensors / numbers, loaded with weights_only=True); --resume continues from it. Resuming a
+    finished run re-scores it: the scoring fields (`models.recipe.SCORING_FIELDS`: blur_sigma,
+    score_topk, map_strides) may then differ from the saved config, e.g. `--resume --config
+    score_topk=0.01`; the same weights are recalibrated, re-validated and saved to --out.
   * calibration (models.base.ScoreStats) on images not used for training: threshold = the
     (1 - far) quantile of the held-out normal scores; when --val-data names an MVTec-layout folder
     whose test/ split has labelled defects, the F1-optimal threshold over those plus the held-out
@@ -51,6 +54,7 @@ from tqdm import tqdm
 
 from .base import ScoreStats
 from .checkpoint import save_checkpoint
+from .recipe import SCORING_FIELDS
 from .registry import create_model, get_model_class, list_models
 from .tiles import StripTiles, median_width, whole_image_geometry
 
@@ -234,7 +238,7 @@ def _save_state(path: pathlib.Path, blob: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_state(path: pathlib.Path, model_name: str, config: dict) -> dict:
+def _load_state(path: pathlib.Path, model_name: str, config: dict, epochs: int) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -242,7 +246,11 @@ def _load_state(path: pathlib.Path, model_name: str, config: dict) -> dict:
         raise TrainError(f"{path}: cannot resume from this state file ({first}); delete it to start over") from None
     if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
         raise TrainError(f"{path}: not a training state file of this toolkit; delete it to start over")
-    if blob.get("model") != model_name or json.loads(blob.get("config_json", "{}")) != config:
+    saved = json.loads(blob.get("config_json", "{}"))
+    rescoring = int(blob.get("epoch", 0)) >= epochs and model_name == blob.get("model")
+    if rescoring:   # a finished run: its scoring fields may change, nothing that shaped the weights
+        saved = dict(saved, **{k: config[k] for k in SCORING_FIELDS if k in config})
+    if blob.get("model") != model_name or saved != config:
         raise TrainError(f"{path}: was written for model {blob.get('model')!r} with config "
                          f"{blob.get('config_json')}; this run asks for {model_name!r} with "
                          f"{json.dumps(config)}. Use the same --model/--config, or delete the file")
@@ -347,7 +355,7 @@ def train(data, classes=None, model: str = "dvad", epochs: Optional[int] = None,
         wd = getattr(net.config, "weight_decay", 1e-4)
         opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=wd)
         if resume and state_path is not None and state_path.is_file():
-            blob = _load_state(state_path, model, cfg)
+            blob = _load_state(state_path, model, cfg, epochs)
             net.load_state_dict(blob["model_state"])
             if net.preprocess != pp:   # e.g. a zoo state saved before the encoder-normalisation fix
                 raise TrainError(f"{state_path}: saved with another input normalisation (mean "
@@ -357,7 +365,8 @@ def train(data, classes=None, model: str = "dvad", epochs: Optional[int] = None,
             start_epoch = int(blob["epoch"])
             history = [float(v) for v in blob["loss_history"]]
             images_seen, train_time = int(blob["images_seen"]), float(blob["train_time"])
-            log(f"resuming from {state_path} after epoch {start_epoch}")
+            log(f"resuming from {state_path} after epoch {start_epoch}" + (
+                " (finished: re-scoring its weights with this run's scoring fields)" if start_epoch >= epochs else ""))
         net.prepare(prep_loader)
         cache = None
         if start_epoch < epochs:

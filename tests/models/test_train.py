@@ -75,8 +75,8 @@ def test_checkpoint_reproduces_scores_and_threshold_is_the_normal_quantile(train
     assert st.n_images == len(val_ds) and st.false_alarm_rate == 0.01
 
 
-def _tiny_run(root, out, epochs, resume=False, **kw):
-    return train(root, model="dvad", epochs=epochs, out=out, batch_size=4, seed=3, config=TINY,
+def _tiny_run(root, out, epochs, resume=False, config=TINY, **kw):
+    return train(root, model="dvad", epochs=epochs, out=out, batch_size=4, seed=3, config=config,
                  resume=resume, **QUIET, **kw)
 
 
@@ -99,6 +99,32 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     with pytest.raises(TrainError, match="Use the same --model/--config"):
         train(root, model="dvad", epochs=3, out=tmp_path / "b.pt", batch_size=4, seed=3,
               config=dict(TINY, d_state=5), resume=True, **QUIET)
+
+
+def test_resuming_a_finished_run_rescores_the_same_weights_and_nothing_else(tmp_path):
+    root = generate_dataset(tmp_path / "d", classes=("texture",), n_train=12, n_test_good=1,
+                            n_test_defect=1, size=64, seed=4)
+    first, s1 = _tiny_run(root, tmp_path / "r.pt", 2, validate=False)
+    scoring = dict(score_topk=0.05, map_strides=[8, 16], blur_sigma=2.0)
+    again, s2 = _tiny_run(root, tmp_path / "r.pt", 2, resume=True, validate=False, config=dict(TINY, **scoring))
+    assert s2["loss_history"] == s1["loss_history"]            # no epoch ran
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    saved = load_checkpoint(tmp_path / "r.pt")
+    assert saved.config.score_topk == 0.05 and tuple(saved.config.map_strides) == (8, 16)
+    # recalibrated with the new rule: the threshold is the normal quantile of the re-scored model
+    from models.data import make_datasets
+
+    _, val_ds, _, _ = make_datasets(root, None, saved.preprocess, 0.1, 3)
+    pv = predict(saved, torch.utils.data.DataLoader(val_ds, batch_size=8))
+    assert saved.score_stats.threshold == pytest.approx(float(np.quantile(pv["scores"], 0.99, method="higher")),
+                                                        abs=1e-7)
+    assert saved.score_stats.threshold != first.score_stats.threshold
+    # a field that shaped the weights still refuses, and so does an unfinished run asked to re-score
+    with pytest.raises(TrainError, match="Use the same --model/--config"):
+        _tiny_run(root, tmp_path / "r.pt", 2, resume=True, config=dict(TINY, lr=0.01))
+    with pytest.raises(TrainError, match="Use the same --model/--config"):
+        _tiny_run(root, tmp_path / "r.pt", 3, resume=True, config=dict(TINY, score_topk=0.05))
 
 
 def test_uncached_path_trains_and_labelled_val_gives_f1_threshold(tmp_path):
