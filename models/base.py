@@ -40,8 +40,8 @@ class ConfigBase:
         kw = {}
         for k, v in d.items():
             default = names[k].default
-            if isinstance(v, list) and isinstance(default, tuple):
-                v = tuple(v)
+            if isinstance(default, tuple):      # "--config map_strides=16" means the 1-tuple
+                v = tuple(v) if isinstance(v, (list, tuple)) else (v,)
             kw[k] = v
         return cls(**kw)
 

@@ -174,6 +174,12 @@ def test_parse_config_overrides(tmp_path):
                                   "encoder=resnet18"])
     assert got == {"expand": 1, "dims": [64, 32, 16, 16], "use_moe": False, "d_state": 12,
                    "scan": "hilbert8", "encoder": "resnet18"}
+    # a single value for a tuple field is its 1-tuple, in every model's config
+    one = parse_config_overrides(["map_strides=16"])
+    assert D.DVADConfig.from_dict(one).map_strides == (16,)
+    from models.omniad import OmniADConfig
+
+    assert OmniADConfig.from_dict(one).map_strides == (16,)
     with pytest.raises(TrainError, match="not valid JSON"):
         parse_config_overrides(["{oops"])
     with pytest.raises(TrainError, match="key=value"):
