@@ -100,11 +100,7 @@ class DVADConfig(ConfigBase, ReconRecipe):
     num_classes: int = 0                       # > 1: auxiliary class loss on the embedding
     cnn_kernels: Tuple[int, ...] = (5, 7)
     neck_dropout: float = 0.0                  # dropout on the encoder features entering the neck
-    # + the training / scoring recipe of models.recipe.ReconRecipe (blur, score, targets, loss, schedule),
-    # with DVAD's scoring chosen on the validation split (benchmarks/RESULTS.md section 12): the map of the
-    # stride-16 scale alone (all three are still trained), the image score the mean of its top 1 %
-    map_strides: Tuple[int, ...] = (16,)
-    score_topk: float = 0.01
+    # + the training / scoring recipe of models.recipe.ReconRecipe (blur, score, targets, loss, schedule)
 
     def __post_init__(self):
         def bad(field_name, expected, got):

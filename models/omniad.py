@@ -2,7 +2,8 @@
 
 Like MambaAD/DVAD, a frozen encoder gives features at strides 4/8/16, a neck fuses them to one
 stride-32 map, and a decoder rebuilds the stride-16/8/4 features; the anomaly map is the per-scale
-1 - cosine(encoder, decoder), upsampled, summed and blurred, the image score its maximum.
+1 - cosine(encoder, decoder) of the scales in `map_strides`, upsampled, averaged and blurred, the image
+score the mean of its top `score_topk` fraction (models.recipe: by default stride 16 alone, top 1 %).
 
 Omni-block (all linear in the number of pixels HW):
   global branch   LayerNorm; Q learnable query tokens (a g x g grid) attend to the pixels
@@ -64,9 +65,10 @@ class OmniADConfig(ConfigBase, ReconRecipe):
 
     @classmethod
     def tiny(cls, **kw):
-        """Seconds-to-train sizes for tests (input 64)."""
+        """Seconds-to-train sizes for tests (input 64); scored on all three scales by their maximum,
+        as DVADConfig.tiny (test_recipe covers the defaults)."""
         base = dict(input_size=64, width=8, depths=(1, 1, 1, 1), heads=2, num_queries=4, num_kv=4,
-                    blur_sigma=2.0)
+                    blur_sigma=2.0, map_strides=(4, 8, 16), score_topk=0.0)
         base.update(kw)
         return cls(**base)
 
