@@ -267,14 +267,18 @@ class AnomalyDataset(Dataset):
         return img, mask
 
     def __getitem__(self, i: int):
-        s = self.samples[i]
         img, mask = self.load_raw(i)
         S = self.input_size
-        x = resize_image(img, S).astype(np.float32).transpose(2, 0, 1) / 255.0
+        return self.make_item(resize_image(img, S), resize_mask(mask, S), self.samples[i], i)
+
+    def make_item(self, img: np.ndarray, mask: np.ndarray, s: Sample, index: int) -> dict:
+        """The item of an image already at the input size (S, S, C) uint8 and its (S, S) mask:
+        normalised (C, S, S) float image, (1, S, S) float mask, label, class id, index."""
+        x = img.astype(np.float32).transpose(2, 0, 1) / 255.0
         x = (x - self.mean) / self.std
-        m = resize_mask(mask, S).astype(np.float32)[None]
-        return dict(image=torch.from_numpy(np.ascontiguousarray(x)), mask=torch.from_numpy(m),
-                    label=int(s.label), class_id=int(s.class_id), index=int(i))
+        return dict(image=torch.from_numpy(np.ascontiguousarray(x)),
+                    mask=torch.from_numpy(mask.astype(np.float32)[None]),
+                    label=int(s.label), class_id=int(s.class_id), index=int(index))
 
 
 def split_val(samples: Sequence[Sample], val_fraction: float = 0.1, seed: int = 0

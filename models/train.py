@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from .base import ScoreStats
 from .checkpoint import save_checkpoint
-from .recipe import SCORING_FIELDS
+from .recipe import SCHEDULES, SCORING_FIELDS
 from .registry import create_model, get_model_class, list_models
 from .tiles import StripTiles, median_width, whole_image_geometry
 
@@ -205,9 +205,6 @@ def score_stats_from_scores(normal_scores, far: float = 0.01, labelled_scores=No
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
-SCHEDULES = ("step", "cosine")
-
-
 def lr_factor(step: int, total_steps: int, schedule: str = "step", warmup_steps: float = 0.0,
               final: float = 0.1) -> float:
     """Learning-rate multiplier at optimiser step `step` of `total_steps` (0-based).
@@ -247,8 +244,7 @@ def _load_state(path: pathlib.Path, model_name: str, config: dict, epochs: int) 
     if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
         raise TrainError(f"{path}: not a training state file of this toolkit; delete it to start over")
     saved = json.loads(blob.get("config_json", "{}"))
-    rescoring = int(blob.get("epoch", 0)) >= epochs and model_name == blob.get("model")
-    if rescoring:   # a finished run: its scoring fields may change, nothing that shaped the weights
+    if int(blob.get("epoch", 0)) >= epochs:   # a finished run: its scoring fields may change, nothing else
         saved = dict(saved, **{k: config[k] for k in SCORING_FIELDS if k in config})
     if blob.get("model") != model_name or saved != config:
         raise TrainError(f"{path}: was written for model {blob.get('model')!r} with config "

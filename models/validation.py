@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from .data import AnomalyDataset, Sample, make_datasets, resize_image
@@ -78,12 +77,7 @@ class SyntheticDefectDataset(Dataset):
             rgb = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
             rgb, mask = paste_defect(np.ascontiguousarray(rgb), d, rng, float(rng.uniform(*self.opacity)))
             img = rgb[:, :, :1] if img.shape[2] == 1 else rgb
-        x = img.astype(np.float32).transpose(2, 0, 1) / 255.0
-        x = (x - ds.mean) / ds.std
-        s = self.samples[i]
-        return dict(image=torch.from_numpy(np.ascontiguousarray(x)),
-                    mask=torch.from_numpy(mask.astype(np.float32)[None]),
-                    label=int(s.label), class_id=int(s.class_id), index=int(i))
+        return ds.make_item(img, mask, self.samples[i], i)
 
 
 def validation_dataset(data, preprocess, classes=None, val_fraction: float = 0.1, seed: int = 0,
