@@ -4,6 +4,7 @@
         --ckpt runs/dvad.pt --ckpt runs/patchcore.pt [--ckpt NAME=runs/x.pt ...] \\
         [--train dvad --train patchcore:efficientnet_lite2 ...] [--out benchmarks/out/pareto]
         [--reps 30] [--warmup 3] [--threads 1] [--metric image_auroc]
+    python benchmarks/pareto.py --replot benchmarks/out/pareto/pareto.json [--metric pixel_auroc] [--out DIR]
 
 One run, for every model (a trained checkpoint, or one trained here with its default recipe by
 --train MODEL[:ENCODER], saved under --out/ckpt and reused by later runs):
@@ -16,6 +17,8 @@ One run, for every model (a trained checkpoint, or one trained here with its def
 Writes pareto.json (rows + host facts + load), pareto.md (the table) and pareto.png (accuracy vs
 median ms, one point per model/encoder, the Pareto front joined) under --out. A point is on the
 front when no other model is both at least as accurate and at least as fast (and better in one).
+--replot redraws the table and plot of such a run (on another accuracy axis, if asked) without
+measuring again.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 if __package__ in (None, ""):   # `python benchmarks/pareto.py`: make the repo root importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -175,20 +178,31 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(res)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(res: dict):
+    """The accuracy-vs-latency scatter of a result (a matplotlib Figure; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from adjustText import adjust_text
 
     metric = res["metric"]
     rows = [r for r in res["rows"] if r["status"] == "ok" and r.get(metric) is not None]
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    texts = []
     for r in rows:
-        ax.scatter([r["median_ms"]], [100 * r[metric]], s=70 if r.get("pareto") else 40,
-                   marker="o" if r.get("pareto") else "s", edgecolors="k", zorder=3)
-        ax.annotate(r["name"], (r["median_ms"], 100 * r[metric]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        x, y = r["median_ms"], 100 * r[metric]
+        ax.scatter([x], [y], s=70 if r.get("pareto") else 40, marker="o" if r.get("pareto") else "s",
+                   edgecolors="k", zorder=3)
+        texts.append(ax.text(x, y, r["name"], fontsize=8))
     front = sorted((r["median_ms"], 100 * r[metric]) for r in rows if r.get("pareto"))
     if len(front) > 1:
         ax.plot([p[0] for p in front], [p[1] for p in front], color="grey", lw=1, ls="--", zorder=1)
@@ -196,28 +210,59 @@ def plot(res: dict, path) -> None:
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
     lo, hi = ax.get_xlim()
-    if hi / lo < 10:    # less than a decade: label the minor ticks too (else the axis has one number)
+    if hi / lo < 10:    # less than a decade: finer, labelled minor ticks (else the axis has one number)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0,
+                                                                       6.0, 8.0)))
         ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel(f"ONNX Runtime CPU latency at batch 1, median ms ({res['ort_threads']} thread(s))")
     ax.set_ylabel(f"{_HEAD[metric]} (%), test split")
     ax.set_title(f"accuracy vs latency (o Pareto front); load {res['loadavg_start'][0]:.1f}", fontsize=9)
     ax.grid(True, alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if texts:           # move the labels off each other and off the points, a thin line back to each
+        adjust_text(texts, x=[r["median_ms"] for r in rows], y=[100 * r[metric] for r in rows], ax=ax,
+                    expand=(1.3, 1.6), arrowprops=dict(arrowstyle="-", color="grey", lw=0.5))
+    return fig
+
+
+def replot(result_json, out=None, metric: Optional[str] = None) -> dict:
+    """Redraw pareto.md / pareto.png from a run's pareto.json, on another accuracy axis if asked (the
+    front recomputed for it), without measuring again. Writes beside the json unless `out` is given."""
+    path = pathlib.Path(result_json)
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ParetoError(f"{path}: cannot read a pareto result ({e})") from None
+    if not isinstance(res, dict) or res.get("schema") != SCHEMA:
+        raise ParetoError(f"{path}: not a pareto.json (schema {SCHEMA!r} expected)")
+    res["metric"] = metric or res["metric"]
+    ok = [r for r in res["rows"] if r["status"] == "ok" and r.get(res["metric"]) is not None]
+    for r in res["rows"]:
+        r.pop("pareto", None)
+    for r, f in zip(ok, pareto_front([(r[res["metric"]], r["median_ms"]) for r in ok])):
+        r["pareto"] = f
+    out = pathlib.Path(out) if out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pareto.md").write_text(markdown(res))
+    plot(res, out / "pareto.png")
+    return res
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/pareto.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="MVTec-layout folder with test/ and ground_truth/")
-    p.add_argument("--ckpt", action="append", default=[], metavar="[NAME=]PATH", help="a trained checkpoint (repeatable)")
+    p.add_argument("--data", help="MVTec-layout folder with test/ and ground_truth/ (required unless --replot)")
+    p.add_argument("--ckpt", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a trained checkpoint (repeatable)")
     p.add_argument("--train", action="append", default=[], metavar="MODEL[:ENCODER]",
                    help="train MODEL (default recipe, optional encoder) unless --out/ckpt has it (repeatable)")
-    p.add_argument("--out", default="benchmarks/out/pareto")
+    p.add_argument("--out", help="output folder (default benchmarks/out/pareto; with --replot the json's own)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--metric", default="image_auroc", choices=METRICS, help="the accuracy axis")
+    p.add_argument("--metric", choices=METRICS, help="the accuracy axis (default image_auroc; with --replot "
+                                                     "the run's own)")
+    p.add_argument("--replot", metavar="PARETO_JSON",
+                   help="redraw the table and plot of an earlier run (into --out if given) without measuring")
     return p
 
 
@@ -229,10 +274,17 @@ def main(argv=None) -> int:
     from models.data import DataError
 
     try:
-        if a.reps < 1 or a.warmup < 0 or a.threads < 0:
-            raise ParetoError(f"--reps must be >= 1, --warmup and --threads >= 0 (got {a.reps}, {a.warmup}, {a.threads})")
-        entries = parse_entries(a.ckpt, a.train)
-        res = measure(entries, a.data, pathlib.Path(a.out), a.reps, a.warmup, a.threads, a.metric)
+        if a.replot:
+            res = replot(a.replot, a.out, a.metric)
+        else:
+            if not a.data:
+                raise ParetoError("--data is required (the MVTec-layout folder), unless --replot")
+            if a.reps < 1 or a.warmup < 0 or a.threads < 0:
+                raise ParetoError(f"--reps must be >= 1, --warmup and --threads >= 0 (got {a.reps}, {a.warmup}, "
+                                  f"{a.threads})")
+            entries = parse_entries(a.ckpt, a.train)
+            out = pathlib.Path(a.out or "benchmarks/out/pareto")
+            res = measure(entries, a.data, out, a.reps, a.warmup, a.threads, a.metric or "image_auroc")
     except (ParetoError, CheckpointError, DataError, EngineError, ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -86,3 +86,74 @@ def test_bad_entries_are_one_clear_error(setting, tmp_path, capsys, args, needle
     assert pareto.main(["--data", str(root), "--out", str(tmp_path)] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def _result(rng, n=7):
+    """A pareto.json-shaped result with random accuracies and latencies (some rows clustered)."""
+    rows = []
+    for i in range(n):
+        ms = float(rng.uniform(5, 40)) if i % 3 else 20.0 + 0.2 * i       # every third row near 20 ms
+        acc = {k: float(rng.uniform(0.6, 0.99)) for k in pareto.METRICS}
+        if i % 3 == 0:
+            acc["image_auroc"] = 0.84 + 0.001 * i
+        rows.append(dict(name=f"model-{i}", encoder="efficientnet_lite0", status="ok", median_ms=ms, p90_ms=ms * 1.1,
+                         n=30, artifact_mb=5.0, parameters=1e6, train_time_s=None, **acc))
+    rows.append(dict(name="broken", encoder="efficientnet_lite0", status="error", reason="export failed",
+                     artifact_mb=0.0, parameters=0, **{k: None for k in pareto.METRICS}))
+    ok = rows[:-1]
+    for r, f in zip(ok, pareto.pareto_front([(r["image_auroc"], r["median_ms"]) for r in ok])):
+        r["pareto"] = f
+    return dict(schema=pareto.SCHEMA, data="d", metric="image_auroc", reps=30, warmup=3, ort_threads=1,
+                loadavg_start=[0.5, 0.5, 0.5], loadavg_end=[0.6, 0.6, 0.6], host={}, rows=rows)
+
+
+def test_replot_recomputes_the_front_for_another_axis(tmp_path, capsys):
+    import numpy as np
+
+    res = _result(np.random.default_rng(11))
+    src = tmp_path / "run" / "pareto.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps(res))
+    out = tmp_path / "pixel"
+    assert pareto.main(["--replot", str(src), "--metric", "pixel_auroc", "--out", str(out)]) == 0
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    want = pareto.pareto_front([(r["pixel_auroc"], r["median_ms"]) for r in ok])
+    md = (out / "pareto.md").read_text()
+    assert "front = Pareto-optimal on P-AUROC" in md and md == capsys.readouterr().out.rstrip("\n") + "\n"
+    for r, f in zip(ok, want):                     # the table's last column is the recomputed front
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {r['name']} |"))
+        assert line.endswith("| yes |" if f else "|  |")
+    assert "| broken |" in md and "export failed" in md
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (src.parent / "pareto.png").exists()       # --out given: the run's folder is left alone
+
+
+def test_labels_do_not_overlap_each_other(tmp_path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig = pareto.figure(_result(np.random.default_rng(5), n=9))
+    try:
+        fig.canvas.draw()
+        boxes = [t.get_window_extent() for t in fig.axes[0].texts]
+        assert len(boxes) == 9
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (a, b)
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("content, needle", [("{not json", "cannot read"),
+                                             ('{"schema": "other"}', "not a pareto.json")])
+def test_replot_of_a_bad_file_is_one_clear_error(tmp_path, capsys, content, needle):
+    bad = tmp_path / "pareto.json"
+    bad.write_text(content)
+    assert pareto.main(["--replot", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and str(bad) in err[0]
+
+
+def test_data_is_required_without_replot(capsys):
+    assert pareto.main(["--ckpt", "x.pt"]) == 2
+    assert "--data is required" in capsys.readouterr().err
