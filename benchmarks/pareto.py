@@ -77,6 +77,15 @@ def pareto_front(points: Sequence[tuple]) -> List[bool]:
     return flags
 
 
+def mark_front(rows: List[dict], metric: str) -> None:
+    """Set row["pareto"] on the measured rows (front on `metric` vs median ms); drop it elsewhere."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
+    for r in rows:
+        r.pop("pareto", None)
+    for r, f in zip(ok, pareto_front([(r[metric], r["median_ms"]) for r in ok])):
+        r["pareto"] = f
+
+
 def _train_missing(entry: dict, data, ckpt_dir: pathlib.Path, log) -> pathlib.Path:
     from models.train import train
 
@@ -143,9 +152,7 @@ def measure(entries: List[dict], data, out: pathlib.Path, reps: int = 30, warmup
             continue
         s = summarize(c.samples_ms, batch=1)
         row.update(status="ok", median_ms=s["median_ms"], p90_ms=s["p90_ms"], n=s["n"])
-    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
-    for r, f in zip(ok, pareto_front([(r[metric], r["median_ms"]) for r in ok])):
-        r["pareto"] = f
+    mark_front(rows, metric)
     result = dict(schema=SCHEMA, data=str(data), metric=metric, reps=reps, warmup=warmup, ort_threads=threads,
                   loadavg_start=load_start, loadavg_end=list(os.getloadavg()), host=host_info("cpu"), rows=rows)
     (out / "pareto.json").write_text(json.dumps(result, indent=2))
@@ -178,9 +185,9 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path) -> None:
+    fig = figure(res)                 # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = figure(res)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -197,13 +204,13 @@ def figure(res: dict):
     metric = res["metric"]
     rows = [r for r in res["rows"] if r["status"] == "ok" and r.get(metric) is not None]
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    xs, ys = [r["median_ms"] for r in rows], [100 * r[metric] for r in rows]
     texts = []
-    for r in rows:
-        x, y = r["median_ms"], 100 * r[metric]
+    for r, x, y in zip(rows, xs, ys):
         ax.scatter([x], [y], s=70 if r.get("pareto") else 40, marker="o" if r.get("pareto") else "s",
                    edgecolors="k", zorder=3)
         texts.append(ax.text(x, y, r["name"], fontsize=8))
-    front = sorted((r["median_ms"], 100 * r[metric]) for r in rows if r.get("pareto"))
+    front = sorted((x, y) for r, x, y in zip(rows, xs, ys) if r.get("pareto"))
     if len(front) > 1:
         ax.plot([p[0] for p in front], [p[1] for p in front], color="grey", lw=1, ls="--", zorder=1)
     ax.set_xscale("log")
@@ -220,8 +227,8 @@ def figure(res: dict):
     ax.grid(True, alpha=0.3, which="both")
     fig.tight_layout()
     if texts:           # move the labels off each other and off the points, a thin line back to each
-        adjust_text(texts, x=[r["median_ms"] for r in rows], y=[100 * r[metric] for r in rows], ax=ax,
-                    expand=(1.3, 1.6), arrowprops=dict(arrowstyle="-", color="grey", lw=0.5))
+        adjust_text(texts, x=xs, y=ys, ax=ax, expand=(1.3, 1.6),
+                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.5))
     return fig
 
 
@@ -236,11 +243,7 @@ def replot(result_json, out=None, metric: Optional[str] = None) -> dict:
     if not isinstance(res, dict) or res.get("schema") != SCHEMA:
         raise ParetoError(f"{path}: not a pareto.json (schema {SCHEMA!r} expected)")
     res["metric"] = metric or res["metric"]
-    ok = [r for r in res["rows"] if r["status"] == "ok" and r.get(res["metric"]) is not None]
-    for r in res["rows"]:
-        r.pop("pareto", None)
-    for r, f in zip(ok, pareto_front([(r[res["metric"]], r["median_ms"]) for r in ok])):
-        r["pareto"] = f
+    mark_front(res["rows"], res["metric"])
     out = pathlib.Path(out) if out else path.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.md").write_text(markdown(res))
