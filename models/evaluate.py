@@ -9,9 +9,13 @@ there, and run the test split once per recipe you report.
 
 Library: `evaluate(ckpt_or_model, data, out_dir=None, ...) -> result dict`
     {"per_class": {name: {metric: value}}, "mean": {...}, "table": str, "n_images": int,
-     "threshold": {...confusion at the saved threshold...}, "overlays": [paths]}
+     "threshold": {...confusion at the saved threshold...}, "per_type": {...}, "type_table": str,
+     "overlays": [paths]}
 Metrics are `models.metrics.MetricAccumulator` (image AUROC / AP / F1-max, pixel AUROC / AP /
-F1-max / AUPRO, mAD; fractions in [0, 1]); the table prints percentages. In `out_dir`:
+F1-max / AUPRO, mAD; fractions in [0, 1]); the table prints percentages. `per_type` says which
+defects a model misses: per class and test folder, the image AUROC of that defect type's images
+against the class's normal ones, and the fraction scored at or above the saved threshold (for
+"good": the false-alarm rate); `type_table` prints it. In `out_dir`:
 `metrics.json` and `overlays/{worst,best}_*.png` - a caption strip (class/defect, score, threshold)
 over a row of three panels at the model's input size: the image, the anomaly map as a heatmap over it, and the ground-truth mask outline
 (green) with the thresholded map outline (red). "Worst" are the highest-scored normal images
@@ -127,6 +131,8 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
     res["threshold"] = dict(value=st.threshold, method=st.method,
                             tp=int((pred & y).sum()), fp=int((pred & ~y).sum()),
                             tn=int((~pred & ~y).sum()), fn=int((~pred & y).sum()))
+    res["per_type"] = defect_type_breakdown(ds.samples, scores, indices, st.threshold)
+    res["type_table"] = format_type_table(res["per_type"])
     res["model"] = getattr(model, "model_name", "?")
     res["checkpoint"] = str(ckpt) if isinstance(ckpt, (str, pathlib.Path)) else None
     res["scores"] = {"index": indices.tolist(), "score": scores.tolist(), "label": labels.tolist()}
@@ -138,6 +144,43 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
                                           n_overlays, pp, device)
         (out / "metrics.json").write_text(json.dumps(jsonable(res), indent=2))
     return res
+
+
+def defect_type_breakdown(samples, scores, indices, threshold: float) -> dict:
+    """{class: {defect type: {"n", "image_auroc", "flagged"}}} for scores[i] of samples[indices[i]].
+
+    image_auroc: that type's images against the same class's normal images (NaN for "good" and for a
+    class without normal images); flagged: the fraction scored >= threshold."""
+    from .metrics import image_metrics
+
+    scores = np.asarray(scores, np.float64)
+    meta = [samples[int(j)] for j in indices]
+    out: dict = {}
+    for cls in sorted({s.class_name for s in meta}):
+        in_cls = np.array([s.class_name == cls for s in meta])
+        good = in_cls & np.array([s.label == 0 for s in meta])
+        types = sorted({s.defect_type for s in meta if s.class_name == cls}, key=lambda t: (t != "good", t))
+        out[cls] = {}
+        for t in types:
+            sel = in_cls & np.array([s.defect_type == t for s in meta])
+            auroc = float("nan")
+            if t != "good" and good.any():
+                both = sel | good
+                auroc = image_metrics(scores[both], sel[both].astype(int))["image_auroc"]
+            out[cls][t] = dict(n=int(sel.sum()), image_auroc=auroc, flagged=float(np.mean(scores[sel] >= threshold)))
+    return out
+
+
+def format_type_table(per_type: dict) -> str:
+    """Plain text, percent: class/type, images, I-AUROC against the class's normals, flagged."""
+    rows = [(f"{c}/{t}", r) for c, types in per_type.items() for t, r in types.items()]
+    w0 = max([10] + [len(n) for n, _ in rows])
+    lines = [f"{'class/type':<{w0}}  {'images':>6}  {'I-AUROC':>7}  {'flagged':>7}"]
+    lines.append("-" * len(lines[0]))
+    for name, r in rows:
+        auroc = f"{100.0 * r['image_auroc']:>7.1f}" if np.isfinite(r["image_auroc"]) else f"{'-':>7}"
+        lines.append(f"{name:<{w0}}  {r['n']:>6}  {auroc}  {100.0 * r['flagged']:>6.1f}%")
+    return "\n".join(lines)
 
 
 def _write_overlays(model, ds, scores, labels, indices, stats, folder: pathlib.Path, k: int, pp, device):
@@ -189,6 +232,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(res["table"])
+    print("\nper defect type (I-AUROC against the class's normal images; flagged = at or above the threshold):")
+    print(res["type_table"])
     t = res["threshold"]
     print(f"at the saved threshold {t['value']:.5f} ({t['method']}): TP {t['tp']} FP {t['fp']} "
           f"TN {t['tn']} FN {t['fn']}")

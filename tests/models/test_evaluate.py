@@ -57,6 +57,26 @@ def test_metrics_match_sklearn_and_files_are_written(setup):
         assert 0.0 <= got["pixel_aupro"] <= 1.0
     assert res["mean"]["image_auroc"] == pytest.approx(
         np.mean([res["per_class"][n]["image_auroc"] for n in names]), abs=1e-9)
+    # per defect type: each type's images against the class's normal ones, sklearn on the same scores
+    thr = model.score_stats.threshold
+    by_path = dict(zip([ds.samples[int(j)].path for j in res["scores"]["index"]], res["scores"]["score"]))
+    n_types = 0
+    for n in names:
+        good = [by_path[s.path] for s in samples if s.class_name == n and s.label == 0]
+        types = {s.defect_type for s in samples if s.class_name == n}
+        assert set(res["per_type"][n]) == types and "good" in types and len(types) > 2
+        for t in types:
+            sc = [by_path[s.path] for s in samples if s.class_name == n and s.defect_type == t]
+            got = res["per_type"][n][t]
+            assert got["n"] == len(sc) and got["flagged"] == pytest.approx(np.mean(np.array(sc) >= thr))
+            if t == "good":
+                assert np.isnan(got["image_auroc"])
+            else:
+                ref = roc_auc_score([0] * len(good) + [1] * len(sc), good + sc)
+                assert got["image_auroc"] == pytest.approx(ref, abs=1e-9)
+                n_types += 1
+            assert f"{n}/{t}" in res["type_table"]
+    assert n_types >= 4
     t = res["threshold"]
     assert t["tp"] + t["fp"] + t["tn"] + t["fn"] == 18 and t["tp"] + t["fn"] == 10
     # JSON written and equal to the returned numbers
@@ -85,7 +105,7 @@ def test_cli(setup, capsys, tmp_path):
     root, ckpt, _ = setup
     assert main(["--ckpt", str(ckpt), "--data", str(root), "--classes", "texture", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "texture" in out and "object" not in out and "threshold" in out
+    assert "texture" in out and "object" not in out and "threshold" in out and "texture/good" in out
     bad = tmp_path / "nope.pt"
     assert main(["--ckpt", str(bad), "--data", str(root), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
