@@ -1,11 +1,14 @@
 """Evaluate a checkpoint on the test split of MVTec-layout data: metrics, JSON, PNG overlays.
 
     python -m models.evaluate --ckpt model.pt --data DIR [--classes a,b] [--out DIR]
-        [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu] [--threads N] [--val-synthetic]
+        [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu] [--threads N] [--val-synthetic
+        [--val-defects crack,scratch]]
 
 --val-synthetic scores the validation set of `models.validation` (the checkpoint's held-out normal
 training images plus synthetic defects pasted onto copies of them) instead of test/: choose recipes
-there, and run the test split once per recipe you report.
+there, and run the test split once per recipe you report. --val-defects draws other synthetic defect
+types than the default four (`models.synthetic.DEFECT_TYPES`; e.g. `crack` alone probes thin, faint
+lines).
 
 Library: `evaluate(ckpt_or_model, data, out_dir=None, ...) -> result dict`
     {"per_class": {name: {metric: value}}, "mean": {...}, "table": str, "n_images": int,
@@ -27,7 +30,7 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -99,12 +102,14 @@ def score_dataset(model, ds, batch_size: int = 8, workers: int = 0, device: str 
 
 
 def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, workers: int = 0,
-             n_overlays: int = 4, device: str = "cpu", progress: bool = True, val_synthetic: bool = False) -> dict:
+             n_overlays: int = 4, device: str = "cpu", progress: bool = True, val_synthetic: bool = False,
+             val_defects: Optional[Sequence[str]] = None) -> dict:
     """Score the test split of `data` with a checkpoint (path) or a loaded model.
 
     With `val_synthetic`, score the validation set of `models.validation` instead (held-out normal
     training images + synthetic defects on copies of them): what recipes are chosen on, never the
-    test split. The few overlay images are scored again at the end.
+    test split (`val_defects`: the synthetic defect types drawn, default the validation split's
+    own). The few overlay images are scored again at the end.
     """
     from .data import AnomalyDataset, scan_mvtec
     from .metrics import format_table, jsonable
@@ -117,7 +122,8 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
 
         train_meta = (getattr(model, "checkpoint_meta", None) or {}).get("extra", {}).get("train", {})
         ds = validation_dataset(data, pp, classes, val_fraction=train_meta.get("val_fraction", 0.1),
-                                seed=train_meta.get("seed", 0), id_names=model.class_names or None)
+                                seed=train_meta.get("seed", 0), id_names=model.class_names or None,
+                                **({"defects": tuple(val_defects)} if val_defects else {}))
     else:
         samples, names = scan_mvtec(data, classes, "test")
         ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
@@ -207,6 +213,8 @@ def _write_overlays(model, ds, scores, labels, indices, stats, folder: pathlib.P
 
 
 def main(argv=None) -> int:
+    from .synthetic import DEFECT_TYPES
+
     ap = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--data", required=True, help="MVTec-layout folder with test/ (and ground_truth/)")
@@ -219,15 +227,23 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--val-synthetic", action="store_true",
                     help="score the validation set (held-out train/good + synthetic defects) instead of test/")
+    ap.add_argument("--val-defects", default=None, metavar="TYPES",
+                    help="with --val-synthetic: comma-separated synthetic defect types (default: the validation "
+                         "split's own; choices: " + ", ".join(DEFECT_TYPES) + ")")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    val_defects = [t.strip() for t in a.val_defects.split(",") if t.strip()] if a.val_defects else None
+    bad = [t for t in val_defects or [] if t not in DEFECT_TYPES]
+    if bad or (val_defects is not None and not val_defects) or (val_defects and not a.val_synthetic):
+        ap.error(f"--val-defects {a.val_defects!r}: expected comma-separated types from {', '.join(DEFECT_TYPES)}, "
+                 f"with --val-synthetic")
     if a.threads:
         torch.set_num_threads(a.threads)
     from .checkpoint import CheckpointError
     from .data import DataError
     try:
         res = evaluate(a.ckpt, a.data, a.out, a.classes, a.batch_size, a.workers, a.overlays, a.device,
-                       progress=not a.no_progress, val_synthetic=a.val_synthetic)
+                       progress=not a.no_progress, val_synthetic=a.val_synthetic, val_defects=val_defects)
     except (CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,10 +17,12 @@ Classes ("kinds"):
   stripe   colour stripes with random phase and a small angle jitter
   object   a coloured washer (disc with a hole) on a dark background, small random offset
 
-Defects (`DEFECTS`): scratch (thin bright/dark polyline), hole (near-black ellipse), stain
-(blob of overlapping ellipses, a foreign colour alpha-blended with mottled opacity;
-near-black on the gray texture), color (region with a strong colour /
-brightness shift that keeps the underlying texture). Each defect is drawn into a binary mask first
+Defects (`DEFECTS`, the default set of `generate_dataset` and of the validation split): scratch
+(thin bright/dark polyline), hole (near-black ellipse), stain (blob of overlapping ellipses, a foreign
+colour alpha-blended with mottled opacity; near-black on the gray texture), color (region with a strong
+colour / brightness shift that keeps the underlying texture). On request (`DEFECT_TYPES`): crack (a
+one-pixel jagged line, a random walk of short segments, darkened to 35 % of the surface: thinner and
+lower in contrast than a scratch, like the cracks of magnetic tile). Each defect is drawn into a binary mask first
 (aliasing off) and then only the masked pixels are modified, so the mask is exact: a pixel differs
 from the defect-free rendering iff it is in the mask (up to the rare case where the modified value
 rounds to the original one).
@@ -42,6 +44,7 @@ import numpy as np
 
 KINDS = ("texture", "fabric", "stripe", "object")
 DEFECTS = ("scratch", "hole", "stain", "color")
+DEFECT_TYPES = DEFECTS + ("crack",)      # every type render_sample / paste_defect / generate_dataset draw
 GRAY_KINDS = ("texture",)
 _MARKER = ".synthetic.json"
 # stain colour per class: far from the surface colour and, for the object, off the
@@ -56,8 +59,8 @@ def _check_kind(kind: str) -> None:
 
 
 def _check_defect(defect: Optional[str]) -> None:
-    if defect is not None and defect not in DEFECTS:
-        raise ValueError(f"unknown defect type {defect!r}; available: {', '.join(DEFECTS)} (or None)")
+    if defect is not None and defect not in DEFECT_TYPES:
+        raise ValueError(f"unknown defect type {defect!r}; available: {', '.join(DEFECT_TYPES)} (or None)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,6 +151,20 @@ def _defect_mask(kind: str, rng, size, region) -> np.ndarray:
             pts.append((px, py))
         pts = np.round(np.array(pts)).astype(np.int32)
         cv2.polylines(m, [pts.reshape(-1, 1, 2)], False, 1, thickness=thick + 1, lineType=cv2.LINE_8)
+    elif kind == "crack":
+        x, y = _pick_center(rng, size, region, 0.2)
+        length = rng.uniform(0.15, 0.35) * size
+        n_seg = int(rng.integers(8, 17))
+        angle = rng.uniform(0, np.pi)
+        px, py = x - np.cos(angle) * length / 2, y - np.sin(angle) * length / 2
+        pts = [(px, py)]
+        for _ in range(n_seg):  # a jagged random walk of short segments
+            angle += 0.5 * rng.standard_normal()
+            px, py = px + np.cos(angle) * length / n_seg, py + np.sin(angle) * length / n_seg
+            pts.append((px, py))
+        pts = np.round(np.array(pts)).astype(np.int32)
+        cv2.polylines(m, [pts.reshape(-1, 1, 2)], False, 1, thickness=max(1, int(round(size / 256.0))),
+                      lineType=cv2.LINE_8)
     elif kind == "hole":
         x, y = _pick_center(rng, size, region, 0.15)
         ax = max(2, int(rng.uniform(0.04, 0.08) * size))
@@ -178,6 +195,8 @@ def _apply_defect(img: np.ndarray, defect: str, mask: np.ndarray, rng, kind: str
         level = float(img[mask].mean())
         val = 250.0 if level < 140 else 15.0
         img[mask] = val + 3.0 * rng.standard_normal((int(mask.sum()), 1))
+    elif defect == "crack":
+        img[mask] = 0.35 * img[mask]
     elif defect == "hole":
         img[mask] = 12.0 + 3.0 * rng.standard_normal((int(mask.sum()), 1))
     elif defect == "stain":

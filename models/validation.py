@@ -8,7 +8,8 @@ defects drawn onto copies of those real normal images:
     items  for each held-out normal image k (resized to the model's input size S):
              the image itself                                         label 0, empty mask
              `per_image` copies, copy j with defect DEFECTS[(k + j) % 4]  label 1, exact mask
-               (models.synthetic.paste_defect: scratch, hole, stain, colour shift), alpha-blended
+               (models.synthetic.paste_defect: scratch, hole, stain, colour shift; another list of
+               `defects`, e.g. only the thin "crack", on request), alpha-blended
                with an opacity drawn uniformly from `opacity` (faint to strong)
            every copy from its own numpy Generator seeded (seed, k, j): the same arguments give the
            same set on every machine.
@@ -19,7 +20,7 @@ Synthetic defects are not the real ones (on magnetic tile: blowholes, cracks, br
 surfaces), so a recipe that wins here is a candidate; the test split then runs once per recipe that
 is reported.
 
-    python -m models.evaluate --ckpt model.pt --data DIR --val-synthetic
+    python -m models.evaluate --ckpt model.pt --data DIR --val-synthetic [--val-defects crack]
     python -m models.train ... (the summary's "validation" block holds the same metrics)
 """
 from __future__ import annotations
@@ -82,13 +83,15 @@ class SyntheticDefectDataset(Dataset):
 
 def validation_dataset(data, preprocess, classes=None, val_fraction: float = 0.1, seed: int = 0,
                        id_names: Optional[Sequence[str]] = None, per_image: int = DEFAULT_PER_IMAGE,
-                       opacity: Tuple[float, float] = DEFAULT_OPACITY) -> SyntheticDefectDataset:
-    """The validation set of `data` for a model trained with `val_fraction` and `seed`."""
+                       opacity: Tuple[float, float] = DEFAULT_OPACITY, defects: Sequence[str] = DEFECTS
+                       ) -> SyntheticDefectDataset:
+    """The validation set of `data` for a model trained with `val_fraction` and `seed` (with other
+    `defects` than the default set, e.g. ("crack",): a probe of one kind of defect)."""
     if not val_fraction > 0:
         raise ValueError(f"the validation set needs held-out images: val_fraction must be > 0, got {val_fraction}")
     _, val_ds, _, _ = make_datasets(data, classes, preprocess, val_fraction, seed, require_test=False,
                                     id_names=id_names)
-    return SyntheticDefectDataset(val_ds, per_image, opacity, seed)
+    return SyntheticDefectDataset(val_ds, per_image, opacity, seed, defects)
 
 
 def validate(model, normal: AnomalyDataset, batch_size: int = 8, workers: int = 0, device: str = "cpu",

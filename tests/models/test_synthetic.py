@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models import synthetic
-from models.synthetic import DEFECTS, KINDS, generate_dataset, render_sample
+from models.synthetic import DEFECT_TYPES, DEFECTS, KINDS, generate_dataset, render_sample
 
 
 def _tree_digest(root):
@@ -54,7 +54,7 @@ def test_bad_arguments_name_the_choices():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("defect", DEFECTS)
+@pytest.mark.parametrize("defect", DEFECT_TYPES)
 def test_mask_is_exact(kind, defect):
     # The defect is drawn after the normal rendering from the same generator, so the same seed
     # gives the same defect-free image: every changed pixel must be in the mask, and (almost) every

@@ -6,7 +6,7 @@ import torch
 from models import padim as P
 from models.data import make_datasets, resize_image
 from models.evaluate import main as evaluate_main
-from models.synthetic import DEFECTS, generate_dataset, paste_defect
+from models.synthetic import DEFECT_TYPES, DEFECTS, generate_dataset, paste_defect
 from models.train import train
 from models.validation import SyntheticDefectDataset, validation_dataset
 
@@ -17,7 +17,7 @@ def _gray_photo(size=64, seed=0):
     return np.repeat(g[:, :, None], 3, axis=2)
 
 
-@pytest.mark.parametrize("defect", DEFECTS)
+@pytest.mark.parametrize("defect", DEFECT_TYPES)
 def test_paste_defect_changes_only_masked_pixels_and_opacity_scales_the_change(defect):
     img = _gray_photo()
     strong, m1 = paste_defect(img, defect, np.random.default_rng(5), opacity=1.0)
@@ -84,6 +84,28 @@ def test_validation_set_is_held_out_normals_plus_deterministic_defect_copies(syn
         assert len(types) == 2                                  # two different defect types per image
 
 
+def test_crack_probe_draws_only_thin_dark_lines(synth):
+    from models.base import PreprocessConfig
+
+    pp = PreprocessConfig(input_size=64)
+    ds = validation_dataset(synth, pp, val_fraction=0.2, seed=3, defects=("crack",), opacity=(1.0, 1.0))
+    default = validation_dataset(synth, pp, val_fraction=0.2, seed=3, opacity=(1.0, 1.0))
+    assert len(ds) == len(default) and {s.defect_type for s in ds.samples if s.label} == {"synthetic_crack"}
+    area = {"crack": [], "scratch": []}
+    for i, s in enumerate(ds.samples):
+        if s.label:
+            item = ds[i]
+            m = item["mask"][0].bool()
+            normal = ds[i - 1 if ds.samples[i - 1].label == 0 else i - 2]
+            assert (item["image"][:, m] < normal["image"][:, m]).all()     # darker on every mask pixel
+            area["crack"].append(int(m.sum()))
+    for i, s in enumerate(default.samples):
+        if s.defect_type == "synthetic_scratch":
+            area["scratch"].append(int(default[i]["mask"].sum()))
+    # one pixel wide: a fraction of a scratch's area
+    assert area["scratch"] and np.mean(area["crack"]) < 0.5 * np.mean(area["scratch"])
+
+
 def test_validation_set_errors():
     with pytest.raises(ValueError, match="val_fraction"):
         validation_dataset("unused", None, val_fraction=0.0)
@@ -123,3 +145,21 @@ def test_train_summary_and_evaluate_cli_report_validation_metrics(synth, tmp_pat
     assert m["mean"]["image_auroc"] == pytest.approx(v["image_auroc"], abs=1e-9)
     assert m["mean"]["pixel_auroc"] == pytest.approx(v["pixel_auroc"], abs=1e-9)
     assert "I-AUROC" in capsys.readouterr().out
+    # --val-defects: the crack probe scores the same held-out images with crack copies only
+    assert evaluate_main(["--ckpt", str(out), "--data", str(synth), "--val-synthetic", "--val-defects", "crack",
+                          "--no-progress", "--out", str(tmp_path / "cr")]) == 0
+    c = json.loads((tmp_path / "cr" / "metrics.json").read_text())
+    assert c["n_images"] == v["n_images"]
+    assert {t for cls in c["per_type"].values() for t in cls} == {"good", "synthetic_crack"}
+    ds = validation_dataset(synth, model.preprocess, val_fraction=0.2, seed=2, defects=("crack",))
+    with torch.no_grad():
+        scores = np.array([float(model(ds[i]["image"][None])[1]) for i in range(len(ds))])
+    per_class = [roc_auc_score(ds.labels[cids == c], scores[cids == c]) for c in (0, 1)]
+    assert c["mean"]["image_auroc"] == pytest.approx(np.mean(per_class), abs=1e-9)
+    capsys.readouterr()
+    base = ["--ckpt", str(out), "--data", str(synth), "--no-progress"]
+    for bad in (["--val-synthetic", "--val-defects", "dent"], ["--val-synthetic", "--val-defects", ","],
+                ["--val-defects", "crack"]):                   # an unknown type, none, or without the split
+        with pytest.raises(SystemExit) as e:
+            evaluate_main(base + bad)
+        assert e.value.code == 2 and "--val-defects" in capsys.readouterr().err
