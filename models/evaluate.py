@@ -2,13 +2,13 @@
 
     python -m models.evaluate --ckpt model.pt --data DIR [--classes a,b] [--out DIR]
         [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu] [--threads N] [--val-synthetic
-        [--val-defects crack,scratch]]
+        [--val-defects crack,scratch] [--val-opacity 0.1,0.4]]
 
 --val-synthetic scores the validation set of `models.validation` (the checkpoint's held-out normal
 training images plus synthetic defects pasted onto copies of them) instead of test/: choose recipes
 there, and run the test split once per recipe you report. --val-defects draws other synthetic defect
 types than the default four (`models.synthetic.DEFECT_TYPES`; e.g. `crack` alone probes thin, faint
-lines).
+lines), --val-opacity another range of their opacity (default `models.validation.DEFAULT_OPACITY`).
 
 Library: `evaluate(ckpt_or_model, data, out_dir=None, ...) -> result dict`
     {"per_class": {name: {metric: value}}, "mean": {...}, "table": str, "n_images": int,
@@ -103,13 +103,13 @@ def score_dataset(model, ds, batch_size: int = 8, workers: int = 0, device: str 
 
 def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, workers: int = 0,
              n_overlays: int = 4, device: str = "cpu", progress: bool = True, val_synthetic: bool = False,
-             val_defects: Optional[Sequence[str]] = None) -> dict:
+             val_defects: Optional[Sequence[str]] = None, val_opacity: Optional[Sequence[float]] = None) -> dict:
     """Score the test split of `data` with a checkpoint (path) or a loaded model.
 
     With `val_synthetic`, score the validation set of `models.validation` instead (held-out normal
     training images + synthetic defects on copies of them): what recipes are chosen on, never the
-    test split (`val_defects`: the synthetic defect types drawn, default the validation split's
-    own). The few overlay images are scored again at the end.
+    test split (`val_defects` / `val_opacity`: the synthetic defect types drawn and their opacity
+    range, default the validation split's own). The few overlay images are scored again at the end.
     """
     from .data import AnomalyDataset, scan_mvtec
     from .metrics import format_table, jsonable
@@ -123,7 +123,8 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
         train_meta = (getattr(model, "checkpoint_meta", None) or {}).get("extra", {}).get("train", {})
         ds = validation_dataset(data, pp, classes, val_fraction=train_meta.get("val_fraction", 0.1),
                                 seed=train_meta.get("seed", 0), id_names=model.class_names or None,
-                                **({"defects": tuple(val_defects)} if val_defects else {}))
+                                **({"defects": tuple(val_defects)} if val_defects else {}),
+                                **({"opacity": tuple(val_opacity)} if val_opacity else {}))
     else:
         samples, names = scan_mvtec(data, classes, "test")
         ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
@@ -230,8 +231,18 @@ def main(argv=None) -> int:
     ap.add_argument("--val-defects", default=None, metavar="TYPES",
                     help="with --val-synthetic: comma-separated synthetic defect types (default: the validation "
                          "split's own; choices: " + ", ".join(DEFECT_TYPES) + ")")
+    ap.add_argument("--val-opacity", default=None, metavar="LO,HI",
+                    help="with --val-synthetic: the synthetic defects' opacity range (default 0.1,0.4)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    val_opacity = None
+    if a.val_opacity:
+        try:
+            val_opacity = tuple(float(v) for v in a.val_opacity.split(","))
+        except ValueError:
+            val_opacity = ()
+        if len(val_opacity) != 2 or not 0.0 < val_opacity[0] <= val_opacity[1] <= 1.0 or not a.val_synthetic:
+            ap.error(f"--val-opacity {a.val_opacity!r}: expected LO,HI with 0 < LO <= HI <= 1, with --val-synthetic")
     val_defects = [t.strip() for t in a.val_defects.split(",") if t.strip()] if a.val_defects else None
     bad = [t for t in val_defects or [] if t not in DEFECT_TYPES]
     if bad or (val_defects is not None and not val_defects) or (val_defects and not a.val_synthetic):
@@ -243,7 +254,8 @@ def main(argv=None) -> int:
     from .data import DataError
     try:
         res = evaluate(a.ckpt, a.data, a.out, a.classes, a.batch_size, a.workers, a.overlays, a.device,
-                       progress=not a.no_progress, val_synthetic=a.val_synthetic, val_defects=val_defects)
+                       progress=not a.no_progress, val_synthetic=a.val_synthetic, val_defects=val_defects,
+                       val_opacity=val_opacity)
     except (CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -147,11 +147,12 @@ def test_train_summary_and_evaluate_cli_report_validation_metrics(synth, tmp_pat
     assert "I-AUROC" in capsys.readouterr().out
     # --val-defects: the crack probe scores the same held-out images with crack copies only
     assert evaluate_main(["--ckpt", str(out), "--data", str(synth), "--val-synthetic", "--val-defects", "crack",
-                          "--no-progress", "--out", str(tmp_path / "cr")]) == 0
+                          "--val-opacity", "0.5,0.9", "--no-progress", "--out", str(tmp_path / "cr")]) == 0
     c = json.loads((tmp_path / "cr" / "metrics.json").read_text())
     assert c["n_images"] == v["n_images"]
     assert {t for cls in c["per_type"].values() for t in cls} == {"good", "synthetic_crack"}
-    ds = validation_dataset(synth, model.preprocess, val_fraction=0.2, seed=2, defects=("crack",))
+    ds = validation_dataset(synth, model.preprocess, val_fraction=0.2, seed=2, defects=("crack",),
+                            opacity=(0.5, 0.9))
     with torch.no_grad():
         scores = np.array([float(model(ds[i]["image"][None])[1]) for i in range(len(ds))])
     per_class = [roc_auc_score(ds.labels[cids == c], scores[cids == c]) for c in (0, 1)]
@@ -159,7 +160,9 @@ def test_train_summary_and_evaluate_cli_report_validation_metrics(synth, tmp_pat
     capsys.readouterr()
     base = ["--ckpt", str(out), "--data", str(synth), "--no-progress"]
     for bad in (["--val-synthetic", "--val-defects", "dent"], ["--val-synthetic", "--val-defects", ","],
-                ["--val-defects", "crack"]):                   # an unknown type, none, or without the split
+                ["--val-defects", "crack"],                    # an unknown type, none, or without the split
+                ["--val-synthetic", "--val-opacity", "0.5"], ["--val-synthetic", "--val-opacity", "0,1"],
+                ["--val-synthetic", "--val-opacity", "a,b"], ["--val-opacity", "0.2,0.3"]):
         with pytest.raises(SystemExit) as e:
             evaluate_main(base + bad)
-        assert e.value.code == 2 and "--val-defects" in capsys.readouterr().err
+        assert e.value.code == 2 and bad[-2] in capsys.readouterr().err
