@@ -118,7 +118,8 @@ def plot(res: dict, path) -> None:
         lo = min([100 * v for r in c["rows"] for v in r["types"].values() if np.isfinite(v)] + [50.0])
         ax.set_ylim(max(0.0, np.floor(lo / 10) * 10 - 5), 100)
         ax.set_ylabel("image AUROC (%)")
-        ax.set_title(f"{cls}: each defect type against the normal images (legend: all types, runs; bars: sd)", fontsize=9)
+        ax.set_title(f"{cls}: each defect type against the normal images (legend: all types, runs; bars: sd)",
+                     fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()

@@ -118,13 +118,13 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
     model = model.to(device).eval()
     pp = model.preprocess
     if val_synthetic:
-        from .validation import validation_dataset
+        from .synthetic import DEFECTS
+        from .validation import DEFAULT_OPACITY, validation_dataset
 
         train_meta = (getattr(model, "checkpoint_meta", None) or {}).get("extra", {}).get("train", {})
         ds = validation_dataset(data, pp, classes, val_fraction=train_meta.get("val_fraction", 0.1),
                                 seed=train_meta.get("seed", 0), id_names=model.class_names or None,
-                                **({"defects": tuple(val_defects)} if val_defects else {}),
-                                **({"opacity": tuple(val_opacity)} if val_opacity else {}))
+                                defects=tuple(val_defects or DEFECTS), opacity=tuple(val_opacity or DEFAULT_OPACITY))
     else:
         samples, names = scan_mvtec(data, classes, "test")
         ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)

@@ -135,6 +135,20 @@ def _pick_center(rng, size, region: Optional[np.ndarray], margin: float) -> Tupl
     return int(rng.integers(lo, max(hi, lo + 1))), int(rng.integers(lo, max(hi, lo + 1)))
 
 
+def _draw_walk(m: np.ndarray, rng, x: float, y: float, length: float, angle: float, n_seg: int, turn: float,
+               thickness: int) -> None:
+    """Draw into `m` a polyline of `n_seg` equal segments, `length` long, centred near (x, y), its
+    heading starting at `angle` and turning by `turn` x N(0, 1) before each segment."""
+    px, py = x - np.cos(angle) * length / 2, y - np.sin(angle) * length / 2
+    pts = [(px, py)]
+    for _ in range(n_seg):
+        angle += turn * rng.standard_normal()
+        px, py = px + np.cos(angle) * length / n_seg, py + np.sin(angle) * length / n_seg
+        pts.append((px, py))
+    pts = np.round(np.array(pts)).astype(np.int32)
+    cv2.polylines(m, [pts.reshape(-1, 1, 2)], False, 1, thickness=thickness, lineType=cv2.LINE_8)
+
+
 def _defect_mask(kind: str, rng, size, region) -> np.ndarray:
     m = np.zeros((size, size), np.uint8)
     if kind == "scratch":
@@ -143,28 +157,13 @@ def _defect_mask(kind: str, rng, size, region) -> np.ndarray:
         angle = rng.uniform(0, np.pi)
         thick = max(1, int(round(size / 64.0)))
         n_seg = int(rng.integers(1, 4))
-        px, py = x - np.cos(angle) * length / 2, y - np.sin(angle) * length / 2
-        pts = [(px, py)]
-        for _ in range(n_seg):  # a gently bending polyline through the centre region
-            angle += 0.3 * rng.standard_normal()
-            px, py = px + np.cos(angle) * length / n_seg, py + np.sin(angle) * length / n_seg
-            pts.append((px, py))
-        pts = np.round(np.array(pts)).astype(np.int32)
-        cv2.polylines(m, [pts.reshape(-1, 1, 2)], False, 1, thickness=thick + 1, lineType=cv2.LINE_8)
+        _draw_walk(m, rng, x, y, length, angle, n_seg, 0.3, thick + 1)   # gently bending
     elif kind == "crack":
         x, y = _pick_center(rng, size, region, 0.2)
         length = rng.uniform(0.15, 0.35) * size
         n_seg = int(rng.integers(8, 17))
         angle = rng.uniform(0, np.pi)
-        px, py = x - np.cos(angle) * length / 2, y - np.sin(angle) * length / 2
-        pts = [(px, py)]
-        for _ in range(n_seg):  # a jagged random walk of short segments
-            angle += 0.5 * rng.standard_normal()
-            px, py = px + np.cos(angle) * length / n_seg, py + np.sin(angle) * length / n_seg
-            pts.append((px, py))
-        pts = np.round(np.array(pts)).astype(np.int32)
-        cv2.polylines(m, [pts.reshape(-1, 1, 2)], False, 1, thickness=max(1, int(round(size / 256.0))),
-                      lineType=cv2.LINE_8)
+        _draw_walk(m, rng, x, y, length, angle, n_seg, 0.5, max(1, int(round(size / 256.0))))   # jagged
     elif kind == "hole":
         x, y = _pick_center(rng, size, region, 0.15)
         ax = max(2, int(rng.uniform(0.04, 0.08) * size))
