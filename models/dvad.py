@@ -105,6 +105,9 @@ class DVADConfig(ConfigBase, ReconRecipe):
     num_classes: int = 0                       # > 1: auxiliary class loss on the embedding
     cnn_kernels: Tuple[int, ...] = (5, 7)
     neck_dropout: float = 0.0                  # dropout on the encoder features entering the neck
+    # training only: the fraction of stride-32 cells whose features are zeroed at every scale before
+    # the neck, so the decoder must fill whole positions from their context instead of copying them
+    neck_mask: float = 0.0
     # + the training / scoring recipe of models.recipe.ReconRecipe (blur, score, targets, loss, schedule),
     # with hard mining chosen on the validation split (benchmarks/RESULTS.md section 12): the gradient
     # of the easiest 90 % of positions damped 10x (Dinomaly's p = 0.9)
@@ -139,6 +142,8 @@ class DVADConfig(ConfigBase, ReconRecipe):
             bad("d_state/expand", ">= 1", (self.d_state, self.expand))
         if not 0.0 <= self.neck_dropout < 1.0:
             bad("neck_dropout", "in [0, 1)", self.neck_dropout)
+        if not 0.0 <= self.neck_mask < 1.0:
+            bad("neck_mask", "in [0, 1)", self.neck_mask)
         self.check_recipe()
 
     @classmethod
@@ -328,6 +333,19 @@ class ClassEmbedding(nn.Module):
         return self.mlp(torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1))
 
 
+def mask_cells(feats: Sequence[torch.Tensor], fraction: float) -> list:
+    """Zero the same random cells of a stride-32 grid (each with probability `fraction`, per sample)
+    in every map of `feats` [f4, f8, f16]: a cell covers 8 x 8 positions of f4, 4 x 4 of f8, 2 x 2 of f16
+    (ceil sizes: the last row / column of a cell may be cut)."""
+    b, _, h16, w16 = feats[-1].shape
+    keep = (torch.rand(b, 1, (h16 + 1) // 2, (w16 + 1) // 2, device=feats[-1].device) >= fraction)
+    out = []
+    for f, k in zip(feats, (8, 4, 2)):
+        m = keep.repeat_interleave(k, 2).repeat_interleave(k, 3)[..., : f.shape[-2], : f.shape[-1]]
+        out.append(f * m.to(f.dtype))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 @register_model("dvad")
 class DVAD(ReconstructionModel):
@@ -378,6 +396,8 @@ class DVAD(ReconstructionModel):
         sizes = [tuple(f.shape[-2:]) for f in feats]
         if self.neck_dropout is not None:     # identity in eval mode (and in every export)
             feats = [self.neck_dropout(f) for f in feats]
+        if training and self.training and self.config.neck_mask > 0:
+            feats = mask_cells(feats, self.config.neck_mask)
         z = self.neck(feats)
         outs = []
         for i in range(4):

@@ -243,6 +243,46 @@ def test_gradients_reach_every_trainable_parameter_and_none_reach_the_encoder():
     assert all(not p.requires_grad for p in model.encoder.parameters())
 
 
+@pytest.mark.parametrize("size", [64, 77])
+def test_neck_mask_zeroes_whole_stride32_cells_at_every_scale(size):
+    torch.manual_seed(1)
+    h = [math.ceil(size / s) for s in (4, 8, 16)]
+    feats = [torch.rand(64, 3, n, n) + 0.5 for n in h]          # never 0 before masking
+    out = D.mask_cells(feats, 0.3)
+    cells = (out[2] != 0).all(1)                                # (B, h16, h16): one value per 2 x 2 block
+    grid = cells[:, ::2, ::2].numpy()                           # stride-32 cell (i, j) kept?
+    for f, o, s in zip(feats, out, (4, 8, 16)):
+        n = o.shape[-1]
+        idx = np.arange(n) * s // 32                             # the cell each position falls in
+        want = grid[:, idx][:, :, idx]                           # (B, n, n), reference from positions
+        kept = (o != 0).all(1).numpy()
+        assert ((o == 0).all(1).numpy() == ~kept).all()          # a position is zeroed in all channels or none
+        assert (kept == want).all()
+        np.testing.assert_array_equal(o.numpy(), f.numpy() * want[:, None])
+    frac = 1 - grid.mean()                                      # 64 x 16 or 64 x 9 Bernoulli(0.3) cells
+    assert abs(frac - 0.3) < 4 * math.sqrt(0.3 * 0.7 / grid.size)
+
+
+def test_neck_mask_acts_in_training_only():
+    torch.manual_seed(0)
+    masked = models.create_model("dvad", **D.DVADConfig.tiny(neck_mask=0.5).to_dict())
+    plain = models.create_model("dvad", **D.DVADConfig.tiny().to_dict())
+    plain.load_state_dict(masked.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    masked.eval(), plain.eval()
+    with torch.no_grad():
+        for a, b in zip(masked(x), plain(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    masked.train(), plain.train()
+    torch.manual_seed(3)
+    lm = masked.training_loss(x)
+    torch.manual_seed(3)
+    lp = plain.training_loss(x)
+    assert not torch.isclose(lm, lp)
+    with pytest.raises(ValueError, match="neck_mask"):
+        D.DVADConfig(neck_mask=1.0)
+
+
 def test_paper_preset_sizes():
     cfg = D.DVADConfig.paper()
     assert cfg.dims == (512, 256, 128, 64) and cfg.depths == (3, 4, 6, 3)
