@@ -7,6 +7,8 @@ gate checks such an export. Every other graph needs only onnxruntime and numpy.
 """
 from __future__ import annotations
 
+import platform
+from functools import lru_cache
 from typing import Optional, Tuple
 
 from .contract import INPUT_NAME, OUTPUT_NAMES
@@ -47,7 +49,28 @@ def best_backend() -> str:
                       f"{[p[0] for p in PROVIDERS.values()]}")
 
 
-def ort_session_options(threads: int = 0, profile_prefix: Optional[str] = None):
+_X86 = ("x86_64", "amd64", "i386", "i686")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@lru_cache(maxsize=1)
+def int8_kernels_exact() -> bool:
+    """Whether ONNX Runtime's fused int8 CPU kernels compute a Q/DQ graph as written on this CPU.
+    Without VNNI, x86 int8 dot products add u8 x s8 pairs into 16 bits with saturation (VPMADDUBSW),
+    so a Conv / MatMul whose activations use the full int8 range can clip: on an AVX2-only EPYC, a
+    tiny DVAD's int8 anomaly map correlated with fp32's at 0.74 as written and 0.33 fused. VNNI (and ARM's dot-product instructions) accumulate in 32 bits.
+    Off Linux the x86 flags are not read, and the answer is the safe one (False)."""
+    if platform.machine().lower() not in _X86:
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in _VNNI_FLAGS)
+
+
+def ort_session_options(threads: int = 0, profile_prefix: Optional[str] = None, exact_int8: bool = False):
     """The ONNX Runtime session settings of every ORT path here (OrtEngine, so the parity gate,
     the stream and the benchmark run the same session):
     - all graph optimisations (constant folding, Conv + BatchNorm/activation fusion, NCHWc
@@ -55,7 +78,10 @@ def ort_session_options(threads: int = 0, profile_prefix: Optional[str] = None):
     - sequential execution (ORT_PARALLEL with two inter-op threads was ~2x slower on the 256 px
       DVAD at batch 1);
     - `threads`: intra-op threads; 0 = ONNX Runtime's default (one per physical core);
-    - `profile_prefix`: ONNX Runtime's per-node profiler on (JSON written by end_profiling()).
+    - `profile_prefix`: ONNX Runtime's per-node profiler on (JSON written by end_profiling());
+    - `exact_int8`: Q/DQ pairs are not fused into int8 kernels, so the graph runs as written
+      (dequantised weights and activations in fp32: the rounding TensorRT's int8 path has, without
+      the saturation of non-VNNI x86 kernels; see int8_kernels_exact). Slower than fused kernels.
     """
     _require_ort()
     so = ort.SessionOptions()
@@ -66,6 +92,8 @@ def ort_session_options(threads: int = 0, profile_prefix: Optional[str] = None):
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)
+    if exact_int8:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
 
 
@@ -113,8 +141,12 @@ class OrtEngine(Engine):
         providers = list(PROVIDERS[backend])
         if provider_options:
             providers[0] = (providers[0], dict(provider_options))
+        # an int8 graph on CPU runs as written where the fused int8 kernels would saturate
+        exact = (backend == "ort-cpu" and (meta.get("export") or {}).get("precision") == "int8"
+                 and not int8_kernels_exact())
         try:
-            return ort.InferenceSession(str(path), ort_session_options(threads), providers=providers)
+            return ort.InferenceSession(str(path), ort_session_options(threads, exact_int8=exact),
+                                        providers=providers)
         except Exception as e:  # ORT raises its own exception types for bad / foreign graphs
             raise EngineError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
 

@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from deploy.ort import int8_kernels_exact, ort_session_options
 from export import precision as P
 
 from .conftest import FRAME_HW, fresh_frames
@@ -13,8 +14,11 @@ from .conftest import FRAME_HW, fresh_frames
 NAMES = ["anomaly_map", "score", "normalized_score"]
 
 
-def run(path, frames):
-    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def run(path, frames, exact_int8=None):
+    """The graph in ONNX Runtime's CPU session as deploy.ort.OrtEngine opens an int8 graph: Q/DQ run
+    as written where this CPU's fused int8 kernels would saturate (exact_int8=None)."""
+    exact = not int8_kernels_exact() if exact_int8 is None else exact_int8
+    s = ort.InferenceSession(str(path), ort_session_options(exact_int8=exact), providers=["CPUExecutionProvider"])
     return s.run(NAMES, {"frames": frames})
 
 
@@ -90,6 +94,19 @@ def test_each_calibration_method_runs_in_ort_close_to_fp32(int8_graphs, method):
     err = np.abs(got[0] - ref[0]).max()
     assert 0 < err < 0.5 * np.abs(ref[0]).max() + 1e-3
     assert np.corrcoef(got[0].ravel(), ref[0].ravel())[0, 1] > 0.5
+
+
+def test_exact_int8_session_runs_the_qdq_graph_as_written(int8_graphs):
+    """exact_int8 computes what the graph says: the outputs of ONNX Runtime with every graph rewrite
+    (and so every int8 kernel fusion) off, for every calibration method's graph."""
+    frames = fresh_frames(3, FRAME_HW, 1, seed=23)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for name, (path, _) in int8_graphs[1].items():
+        ref = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(NAMES, {"frames": frames})
+        got = run(path, frames, exact_int8=True)
+        for out, r, g in zip(NAMES, ref, got):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=f"{name} {out}")
 
 
 def test_calibration_methods_give_different_ranges(int8_graphs):
