@@ -58,8 +58,9 @@ def int8_kernels_exact() -> bool:
     """Whether ONNX Runtime's fused int8 CPU kernels compute a Q/DQ graph as written on this CPU.
     Without VNNI, x86 int8 dot products add u8 x s8 pairs into 16 bits with saturation (VPMADDUBSW),
     so a Conv / MatMul whose activations use the full int8 range can clip: on an AVX2-only EPYC, a
-    tiny DVAD's int8 anomaly map correlated with fp32's at 0.74 as written and 0.33 fused. VNNI (and ARM's dot-product instructions) accumulate in 32 bits.
-    Off Linux the x86 flags are not read, and the answer is the safe one (False)."""
+    tiny DVAD's int8 anomaly map correlated with fp32's at 0.74 as written and 0.33 fused. VNNI (and
+    ARM's dot-product instructions) accumulate in 32 bits. Where /proc/cpuinfo cannot be read on
+    x86, the answer is the safe one (False)."""
     if platform.machine().lower() not in _X86:
         return True
     try:
@@ -80,8 +81,9 @@ def ort_session_options(threads: int = 0, profile_prefix: Optional[str] = None, 
     - `threads`: intra-op threads; 0 = ONNX Runtime's default (one per physical core);
     - `profile_prefix`: ONNX Runtime's per-node profiler on (JSON written by end_profiling());
     - `exact_int8`: Q/DQ pairs are not fused into int8 kernels, so the graph runs as written
-      (dequantised weights and activations in fp32: the rounding TensorRT's int8 path has, without
-      the saturation of non-VNNI x86 kernels; see int8_kernels_exact). Slower than fused kernels.
+      (dequantised weights and activations in fp32: what TensorRT's int8 kernels compute, up to
+      float rounding, without the saturation of non-VNNI x86 kernels; see int8_kernels_exact).
+      Slower than fused kernels.
     """
     _require_ort()
     so = ort.SessionOptions()
