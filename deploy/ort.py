@@ -71,6 +71,12 @@ def int8_kernels_exact() -> bool:
     return any(flag in flags for flag in _VNNI_FLAGS)
 
 
+def int8_as_written(precision: Optional[str], backend: str = "ort-cpu") -> bool:
+    """Whether a graph of this export precision runs with its Q/DQ as written (`exact_int8`) on this
+    backend: an int8 graph on the CPU provider where the fused int8 kernels would saturate."""
+    return backend == "ort-cpu" and precision == "int8" and not int8_kernels_exact()
+
+
 def ort_session_options(threads: int = 0, profile_prefix: Optional[str] = None, exact_int8: bool = False):
     """The ONNX Runtime session settings of every ORT path here (OrtEngine, so the parity gate,
     the stream and the benchmark run the same session):
@@ -143,9 +149,7 @@ class OrtEngine(Engine):
         providers = list(PROVIDERS[backend])
         if provider_options:
             providers[0] = (providers[0], dict(provider_options))
-        # an int8 graph on CPU runs as written where the fused int8 kernels would saturate
-        exact = (backend == "ort-cpu" and (meta.get("export") or {}).get("precision") == "int8"
-                 and not int8_kernels_exact())
+        exact = int8_as_written((meta.get("export") or {}).get("precision"), backend)
         try:
             return ort.InferenceSession(str(path), ort_session_options(threads, exact_int8=exact),
                                         providers=providers)

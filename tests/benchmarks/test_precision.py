@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import precision as P
-from deploy.ort import int8_kernels_exact, ort_session_options
+from deploy.ort import int8_as_written, ort_session_options
 
 SIZE = 48
 
@@ -68,8 +68,8 @@ def test_reported_aurocs_equal_sklearn_on_ort_outputs(setup):
     rows = {r["precision"]: r for r in res["rows"]}
     assert list(rows) == ["fp32", "fp16", "int8"]
     for prec, r in rows.items():
-        exact = prec == "int8" and not int8_kernels_exact()      # the session deploy.ort.OrtEngine opens
-        sess = ort.InferenceSession(r["onnx"], ort_session_options(exact_int8=exact), providers=["CPUExecutionProvider"])
+        so = ort_session_options(exact_int8=int8_as_written(prec))   # the session deploy.ort.OrtEngine opens
+        sess = ort.InferenceSession(r["onnx"], so, providers=["CPUExecutionProvider"])
         maps, scores = zip(*(sess.run(["anomaly_map", "score"], {"frames": frames[i:i + 1]})
                              for i in range(len(frames))))            # batch 1 here, batch 8 there
         scores = np.concatenate([np.ravel(s) for s in scores])

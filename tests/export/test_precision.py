@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from deploy.ort import int8_kernels_exact, ort_session_options
+from deploy.ort import int8_as_written, ort_session_options
 from export import precision as P
 
 from .conftest import FRAME_HW, fresh_frames
@@ -17,7 +17,7 @@ NAMES = ["anomaly_map", "score", "normalized_score"]
 def run(path, frames, exact_int8=None):
     """The graph in ONNX Runtime's CPU session as deploy.ort.OrtEngine opens an int8 graph: Q/DQ run
     as written where this CPU's fused int8 kernels would saturate (exact_int8=None)."""
-    exact = not int8_kernels_exact() if exact_int8 is None else exact_int8
+    exact = int8_as_written("int8") if exact_int8 is None else exact_int8
     s = ort.InferenceSession(str(path), ort_session_options(exact_int8=exact), providers=["CPUExecutionProvider"])
     return s.run(NAMES, {"frames": frames})
 
