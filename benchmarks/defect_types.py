@@ -8,8 +8,9 @@ Each --eval NAME=PATH is the metrics.json `python -m models.evaluate --ckpt M.pt
 writes for the test split; entries sharing a NAME (seeds of one recipe) are averaged, with their
 sample standard deviation. Per class and defect type (the test/ folders of --data), the image AUROC of
 that type's images against the class's normal images (`models.evaluate.defect_type_breakdown`,
-recomputed from the saved per-image scores, so results written before the breakdown existed work too).
-Writes defect_types.md (one table per class) and defect_types.png (grouped bars, one group per defect
+recomputed from the saved per-image scores, so results written before the breakdown existed work too),
+and the pixel AUROC of the same images where the result has it (`models.evaluate` saves it per type;
+"-" for older results). Writes defect_types.md (two tables per class: image, pixel AUROC) and defect_types.png (grouped bars, one group per defect
 type, the seed spread as error bars) under --out, and prints the table.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ class DefectTypesError(ValueError):
 
 
 def load_eval(item: str, samples) -> tuple:
-    """'NAME=PATH' -> (name, {class: {type: image AUROC}}, {class: image AUROC}) of a test-split result."""
+    """'NAME=PATH' -> (name, {class: {type: image AUROC}}, {class: image AUROC}, {class: {type: pixel
+    AUROC}}, {class: pixel AUROC}) of a test-split result (pixel values NaN where it has none)."""
     from models.evaluate import defect_type_breakdown
 
     name, sep, path = item.partition("=")
@@ -51,31 +53,41 @@ def load_eval(item: str, samples) -> tuple:
                                f"{len(samples)}: not an evaluation of this data")
     per_type = defect_type_breakdown(samples, scores, idx, thr)
     aurocs = {c: {t: r["image_auroc"] for t, r in types.items() if t != "good"} for c, types in per_type.items()}
-    return name, aurocs, {c: float(per_class[c]["image_auroc"]) for c in aurocs}
+    saved = res.get("per_type") or {}
+    pixel = {c: {t: float(saved.get(c, {}).get(t, {}).get("pixel_auroc", np.nan)) for t in aurocs[c]} for c in aurocs}
+    return (name, aurocs, {c: float(per_class[c]["image_auroc"]) for c in aurocs}, pixel,
+            {c: float(per_class[c].get("pixel_auroc", np.nan)) for c in aurocs})
 
 
 def summarise(data, evals: Sequence[str], classes=None) -> dict:
     """{"classes": {class: {"types": [..], "n": {type: images}, "rows": [{name, runs, all, all_sd,
-    types: {type: mean}, sd: {type: sd}}]}}} over the --eval entries, grouped by name."""
+    types: {type: mean}, sd: {type: sd}, pixel: {the same keys for the pixel AUROC}}]}}} over the
+    --eval entries, grouped by name."""
     from models.data import scan_mvtec
 
     samples, _ = scan_mvtec(data, classes, "test")
     grouped: Dict[str, List[tuple]] = {}
     for item in evals:
-        name, aurocs, overall = load_eval(item, samples)
-        grouped.setdefault(name, []).append((aurocs, overall))
+        name, *runs = load_eval(item, samples)
+        grouped.setdefault(name, []).append(runs)
     out: dict = {"data": str(data), "classes": {}}
     for cls in sorted({s.class_name for s in samples}):
         types = sorted({s.defect_type for s in samples if s.class_name == cls} - {"good"})
         n = {t: sum(1 for s in samples if s.class_name == cls and s.defect_type == t) for t in types}
         rows = []
         for name, runs in grouped.items():
-            per = np.array([[r[0][cls][t] for t in types] for r in runs], np.float64)
-            alls = np.array([r[1][cls] for r in runs], np.float64)
-            sd = per.std(axis=0, ddof=1) if len(runs) > 1 else np.full(len(types), np.nan)
-            rows.append(dict(name=name, runs=len(runs), all=float(alls.mean()),
-                             all_sd=float(alls.std(ddof=1)) if len(runs) > 1 else float("nan"),
-                             types=dict(zip(types, per.mean(axis=0).tolist())), sd=dict(zip(types, sd.tolist()))))
+            row = dict(name=name, runs=len(runs))
+            for key, (k_type, k_all) in (("image", (0, 1)), ("pixel", (2, 3))):
+                per = np.array([[r[k_type][cls][t] for t in types] for r in runs], np.float64)
+                alls = np.array([r[k_all][cls] for r in runs], np.float64)
+                sd = per.std(axis=0, ddof=1) if len(runs) > 1 else np.full(len(types), np.nan)
+                stats = dict(all=float(alls.mean()), all_sd=float(alls.std(ddof=1)) if len(runs) > 1 else float("nan"),
+                             types=dict(zip(types, per.mean(axis=0).tolist())), sd=dict(zip(types, sd.tolist())))
+                if key == "image":
+                    row.update(stats)
+                else:
+                    row["pixel"] = stats
+            rows.append(row)
         out["classes"][cls] = dict(types=types, n=n, rows=rows)
     return out
 
@@ -87,14 +99,19 @@ def _cell(mean: float, sd: float) -> str:
 def markdown(res: dict) -> str:
     lines = []
     for cls, c in res["classes"].items():
-        lines += [f"Image AUROC (%) per defect type of `{cls}` (each type's images against the class's normal "
-                  f"images; mean +- sd over runs sharing a name):", "",
-                  "| model | runs | all | " + " | ".join(f"{t} ({c['n'][t]})" for t in c["types"]) + " |",
-                  "| --- " * (len(c["types"]) + 3) + "|"]
-        for r in c["rows"]:
-            lines.append(f"| {r['name']} | {r['runs']} | {_cell(r['all'], r['all_sd'])} | "
-                         + " | ".join(_cell(r["types"][t], r["sd"][t]) for t in c["types"]) + " |")
-        lines.append("")
+        for what, pick, against in (("Image", lambda r: r, "the class's normal images"),
+                                    ("Pixel", lambda r: r["pixel"], "every normal pixel of those and the normal images")):
+            if what == "Pixel" and not any(np.isfinite(v) for r in c["rows"] for v in r["pixel"]["types"].values()):
+                continue
+            lines += [f"{what} AUROC (%) per defect type of `{cls}` (each type's images against {against}; "
+                      f"mean +- sd over runs sharing a name):", "",
+                      "| model | runs | all | " + " | ".join(f"{t} ({c['n'][t]})" for t in c["types"]) + " |",
+                      "| --- " * (len(c["types"]) + 3) + "|"]
+            for r in c["rows"]:
+                v = pick(r)
+                lines.append(f"| {r['name']} | {r['runs']} | {_cell(v['all'], v['all_sd'])} | "
+                             + " | ".join(_cell(v["types"][t], v["sd"][t]) for t in c["types"]) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

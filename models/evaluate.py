@@ -17,8 +17,9 @@ Library: `evaluate(ckpt_or_model, data, out_dir=None, ...) -> result dict`
 Metrics are `models.metrics.MetricAccumulator` (image AUROC / AP / F1-max, pixel AUROC / AP /
 F1-max / AUPRO, mAD; fractions in [0, 1]); the table prints percentages. `per_type` says which
 defects a model misses: per class and test folder, the image AUROC of that defect type's images
-against the class's normal ones, and the fraction scored at or above the saved threshold (for
-"good": the false-alarm rate); `type_table` prints it. In `out_dir`:
+against the class's normal ones, the pixel AUROC and AUPRO of the same images (that type's defect
+pixels against every normal pixel of those images), and the fraction scored at or above the saved
+threshold (for "good": the false-alarm rate); `type_table` prints it. In `out_dir`:
 `metrics.json` and `overlays/{worst,best}_*.png` - a caption strip (class/defect, score, threshold)
 over a row of three panels at the model's input size: the image, the anomaly map as a heatmap over it, and the ground-truth mask outline
 (green) with the thresholded map outline (red). "Worst" are the highest-scored normal images
@@ -72,13 +73,29 @@ def render_overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.nd
     return row
 
 
+def _type_groups(samples) -> tuple:
+    """("class/type" names of every defect type, {sample index: group ids}): a defective image
+    belongs to its own type's group, a normal one to every group of its class (the type's images are
+    scored against the class's normal ones, as in `defect_type_breakdown`)."""
+    types = sorted({(s.class_name, s.defect_type) for s in samples if s.label == 1})
+    gid = {ct: k for k, ct in enumerate(types)}
+    member = {}
+    for j, s in enumerate(samples):
+        if s.label == 1:
+            member[j] = [gid[(s.class_name, s.defect_type)]]
+        else:
+            member[j] = [k for (c, _), k in gid.items() if c == s.class_name]
+    return [f"{c}/{t}" for c, t in types], member
+
+
 def score_dataset(model, ds, batch_size: int = 8, workers: int = 0, device: str = "cpu",
-                  progress: bool = True, desc: str = "evaluating"):
+                  progress: bool = True, desc: str = "evaluating", by_type: bool = False):
     """Score every item of `ds` (dicts with image, mask, label, class_id, index) -> (metrics result
     of `MetricAccumulator.compute` over `ds.class_names`, scores, labels, indices as numpy arrays).
 
     Maps are streamed into the accumulator batch by batch (memory does not grow with the number of
-    images)."""
+    images). With `by_type`, result["by_type"] holds the same metrics per "class/defect type" of
+    `ds.samples` (each type's images with the class's normal images: `_type_groups`)."""
     from tqdm import tqdm
 
     from .metrics import MetricAccumulator
@@ -86,18 +103,28 @@ def score_dataset(model, ds, batch_size: int = 8, workers: int = 0, device: str 
     model = model.to(device).eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
     acc = MetricAccumulator()
+    type_names, member = _type_groups(ds.samples) if by_type else ([], {})
+    type_acc = MetricAccumulator() if type_names else None
     scores, labels, indices = [], [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
             amap, score = model(batch["image"].to(device))
             s = score.float().cpu().numpy().astype(np.float64)
             lab = np.asarray(batch["label"])
-            acc.update(s, lab, maps=amap[:, 0].float().cpu().numpy(),
-                       masks=(batch["mask"][:, 0] > 0.5).numpy(), class_ids=np.asarray(batch["class_id"]))
+            maps, masks = amap[:, 0].float().cpu().numpy(), (batch["mask"][:, 0] > 0.5).numpy()
+            idx = np.asarray(batch["index"])
+            acc.update(s, lab, maps=maps, masks=masks, class_ids=np.asarray(batch["class_id"]))
+            if type_acc is not None:
+                rows = [(r, g) for r, j in enumerate(idx) for g in member[int(j)]]
+                if rows:
+                    r, g = (np.array(v) for v in zip(*rows))
+                    type_acc.update(s[r], lab[r], maps=maps[r], masks=masks[r], class_ids=g)
             scores.append(s)
             labels.append(lab)
-            indices.append(np.asarray(batch["index"]))
+            indices.append(idx)
     res = acc.compute(class_names=ds.class_names)
+    if by_type:
+        res["by_type"] = type_acc.compute(class_names=type_names)["per_class"] if type_acc is not None else {}
     return res, np.concatenate(scores), np.concatenate(labels), np.concatenate(indices)
 
 
@@ -128,7 +155,7 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
     else:
         samples, names = scan_mvtec(data, classes, "test")
         ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
-    res, scores, labels, indices = score_dataset(model, ds, batch_size, workers, device, progress)
+    res, scores, labels, indices = score_dataset(model, ds, batch_size, workers, device, progress, by_type=True)
     res["table"] = format_table(res)
     res["n_images"] = int(len(ds))
     res["split"] = "validation (held-out normal + synthetic defects)" if val_synthetic else "test"
@@ -138,7 +165,7 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
     res["threshold"] = dict(value=st.threshold, method=st.method,
                             tp=int((pred & y).sum()), fp=int((pred & ~y).sum()),
                             tn=int((~pred & ~y).sum()), fn=int((~pred & y).sum()))
-    res["per_type"] = defect_type_breakdown(ds.samples, scores, indices, st.threshold)
+    res["per_type"] = defect_type_breakdown(ds.samples, scores, indices, st.threshold, res.pop("by_type"))
     res["type_table"] = format_type_table(res["per_type"])
     res["model"] = getattr(model, "model_name", "?")
     res["checkpoint"] = str(ckpt) if isinstance(ckpt, (str, pathlib.Path)) else None
@@ -153,11 +180,13 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
     return res
 
 
-def defect_type_breakdown(samples, scores, indices, threshold: float) -> dict:
-    """{class: {defect type: {"n", "image_auroc", "flagged"}}} for scores[i] of samples[indices[i]].
+def defect_type_breakdown(samples, scores, indices, threshold: float, pixels: Optional[dict] = None) -> dict:
+    """{class: {defect type: {"n", "image_auroc", "flagged"[, "pixel_auroc", "pixel_aupro"]}}} for
+    scores[i] of samples[indices[i]].
 
     image_auroc: that type's images against the same class's normal images (NaN for "good" and for a
-    class without normal images); flagged: the fraction scored >= threshold."""
+    class without normal images); flagged: the fraction scored >= threshold. `pixels` ({"class/type":
+    metrics}, `score_dataset(by_type=True)`) adds the pixel AUROC and AUPRO of the same images."""
     from .metrics import image_metrics
 
     scores = np.asarray(scores, np.float64)
@@ -175,18 +204,30 @@ def defect_type_breakdown(samples, scores, indices, threshold: float) -> dict:
                 both = sel | good
                 auroc = image_metrics(scores[both], sel[both].astype(int))["image_auroc"]
             out[cls][t] = dict(n=int(sel.sum()), image_auroc=auroc, flagged=float(np.mean(scores[sel] >= threshold)))
+            if pixels is not None:
+                px = pixels.get(f"{cls}/{t}", {})
+                out[cls][t].update({k: float(px.get(k, float("nan"))) for k in ("pixel_auroc", "pixel_aupro")})
     return out
 
 
 def format_type_table(per_type: dict) -> str:
-    """Plain text, percent: class/type, images, I-AUROC against the class's normals, flagged."""
+    """Plain text, percent: class/type, images, I-AUROC against the class's normals, flagged, and the
+    pixel AUROC / AUPRO of the same images where `per_type` has them."""
     rows = [(f"{c}/{t}", r) for c, types in per_type.items() for t, r in types.items()]
+    pixels = any("pixel_auroc" in r for _, r in rows)
     w0 = max([10] + [len(n) for n, _ in rows])
-    lines = [f"{'class/type':<{w0}}  {'images':>6}  {'I-AUROC':>7}  {'flagged':>7}"]
+
+    def pct(v):
+        return f"{100.0 * v:>7.1f}" if np.isfinite(v) else f"{'-':>7}"
+
+    head = f"{'class/type':<{w0}}  {'images':>6}  {'I-AUROC':>7}  {'flagged':>7}"
+    lines = [head + (f"  {'P-AUROC':>7}  {'AUPRO':>7}" if pixels else "")]
     lines.append("-" * len(lines[0]))
     for name, r in rows:
-        auroc = f"{100.0 * r['image_auroc']:>7.1f}" if np.isfinite(r["image_auroc"]) else f"{'-':>7}"
-        lines.append(f"{name:<{w0}}  {r['n']:>6}  {auroc}  {100.0 * r['flagged']:>6.1f}%")
+        line = f"{name:<{w0}}  {r['n']:>6}  {pct(r['image_auroc'])}  {100.0 * r['flagged']:>6.1f}%"
+        if pixels:
+            line += f"  {pct(r.get('pixel_auroc', float('nan')))}  {pct(r.get('pixel_aupro', float('nan')))}"
+        lines.append(line)
     return "\n".join(lines)
 
 

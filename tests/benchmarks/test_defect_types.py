@@ -40,8 +40,13 @@ def test_per_type_auroc_and_seed_mean_match_sklearn(setting, tmp_path, capsys):
     real = tmp / "eval" / "metrics.json"
     rng = np.random.default_rng(0)
     fakes = [_fake(tmp_path / f"f{k}.json", real, rng) for k in range(3)]
+    old = json.loads(real.read_text())      # a result written before per-type pixel metrics existed
+    for types in old["per_type"].values():
+        for r in types.values():
+            r.pop("pixel_auroc"), r.pop("pixel_aupro")
+    (tmp_path / "old.json").write_text(json.dumps(old))
     out = tmp_path / "out"
-    args = ["--data", str(root), "--out", str(out), "--eval", f"padim={real}"]
+    args = ["--data", str(root), "--out", str(out), "--eval", f"padim={real}", "--eval", f"old={tmp_path / 'old.json'}"]
     args += [a for k in range(3) for a in ("--eval", f"rand={tmp_path / f'f{k}.json'}")]
     assert DT.main(args) == 0
     res = json.loads((out / "defect_types.json").read_text())
@@ -67,8 +72,15 @@ def test_per_type_auroc_and_seed_mean_match_sklearn(setting, tmp_path, capsys):
             ref = [sk(f, cls, t) for f in fakes]
             assert rows["rand"]["types"][t] == pytest.approx(np.mean(ref), abs=1e-9)
             assert rows["rand"]["sd"][t] == pytest.approx(np.std(ref, ddof=1), abs=1e-9)
+            # pixel AUROC: read from the saved per-type results (the fakes kept padim's maps)
+            px = padim["per_type"][cls][t]["pixel_auroc"]
+            assert 0.0 < px < 1.0 and rows["padim"]["pixel"]["types"][t] == pytest.approx(px)
+            assert rows["rand"]["pixel"]["types"][t] == pytest.approx(px) and rows["rand"]["pixel"]["sd"][t] < 1e-12
+            assert np.isnan(rows["old"]["pixel"]["types"][t]) and rows["old"]["types"][t] == rows["padim"]["types"][t]
+        assert rows["padim"]["pixel"]["all"] == pytest.approx(padim["per_class"][cls]["pixel_auroc"])
     text = capsys.readouterr().out
     assert "| padim | 1 |" in text and "| rand | 3 |" in text and "+-" in text
+    assert text.count("Pixel AUROC (%) per defect type") == 2 and "| old | 1 | " in text
     assert (out / "defect_types.md").read_text() in text
     assert (out / "defect_types.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -38,6 +38,7 @@ def test_metrics_match_sklearn_and_files_are_written(setup):
     ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
     assert names == ["object", "texture"] and res["n_images"] == len(ds) == 18
     per = {n: dict(s=[], y=[], maps=[], masks=[]) for n in names}
+    pixels_of = {}      # sample path -> (map, mask), for the per-type pixel metrics
     with torch.no_grad():
         for i in range(len(ds)):
             item = ds[i]
@@ -47,6 +48,7 @@ def test_metrics_match_sklearn_and_files_are_written(setup):
             d["y"].append(item["label"])
             d["maps"].append(amap[0, 0].numpy().ravel())
             d["masks"].append(item["mask"][0].numpy().ravel() > 0.5)
+            pixels_of[ds.samples[i].path] = (d["maps"][-1], d["masks"][-1])
     for n in names:
         d = per[n]
         got = res["per_class"][n]
@@ -70,10 +72,15 @@ def test_metrics_match_sklearn_and_files_are_written(setup):
             got = res["per_type"][n][t]
             assert got["n"] == len(sc) and got["flagged"] == pytest.approx(np.mean(np.array(sc) >= thr))
             if t == "good":
-                assert np.isnan(got["image_auroc"])
+                assert np.isnan(got["image_auroc"]) and np.isnan(got["pixel_auroc"])
             else:
                 ref = roc_auc_score([0] * len(good) + [1] * len(sc), good + sc)
                 assert got["image_auroc"] == pytest.approx(ref, abs=1e-9)
+                # pixels: this type's defect pixels against every normal pixel of its and the normal images
+                px = [pixels_of[s.path] for s in samples if s.class_name == n and s.defect_type in (t, "good")]
+                m, k = np.concatenate([p[0] for p in px]), np.concatenate([p[1] for p in px])
+                assert got["pixel_auroc"] == pytest.approx(roc_auc_score(k, m), abs=2e-3)
+                assert 0.0 <= got["pixel_aupro"] <= 1.0
                 n_types += 1
             assert f"{n}/{t}" in res["type_table"]
     assert n_types >= 4
