@@ -1,8 +1,8 @@
 """Evaluate a checkpoint on the test split of MVTec-layout data: metrics, JSON, PNG overlays.
 
     python -m models.evaluate --ckpt model.pt --data DIR [--classes a,b] [--out DIR]
-        [--batch-size 8] [--workers 0] [--overlays 4] [--device cpu] [--threads N] [--val-synthetic
-        [--val-defects crack,scratch] [--val-opacity 0.1,0.4]]
+        [--batch-size 8] [--workers 0] [--overlays 4] [--overlay-types T,..] [--device cpu] [--threads N]
+        [--val-synthetic [--val-defects crack,scratch] [--val-opacity 0.1,0.4]]
 
 --val-synthetic scores the validation set of `models.validation` (the checkpoint's held-out normal
 training images plus synthetic defects pasted onto copies of them) instead of test/: choose recipes
@@ -130,15 +130,17 @@ def score_dataset(model, ds, batch_size: int = 8, workers: int = 0, device: str 
 
 def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, workers: int = 0,
              n_overlays: int = 4, device: str = "cpu", progress: bool = True, val_synthetic: bool = False,
-             val_defects: Optional[Sequence[str]] = None, val_opacity: Optional[Sequence[float]] = None) -> dict:
+             val_defects: Optional[Sequence[str]] = None, val_opacity: Optional[Sequence[float]] = None,
+             overlay_types: Optional[Sequence[str]] = None) -> dict:
     """Score the test split of `data` with a checkpoint (path) or a loaded model.
 
     With `val_synthetic`, score the validation set of `models.validation` instead (held-out normal
     training images + synthetic defects on copies of them): what recipes are chosen on, never the
     test split (`val_defects` / `val_opacity`: the synthetic defect types drawn and their opacity
-    range, default the validation split's own). The few overlay images are scored again at the end.
+    range, default the validation split's own). The few overlay images are scored again at the end;
+    `overlay_types` limits the defective ones to those defect types (e.g. to look at one type's maps).
     """
-    from .data import AnomalyDataset, scan_mvtec
+    from .data import AnomalyDataset, DataError, scan_mvtec
     from .metrics import format_table, jsonable
 
     model = load_checkpoint(ckpt) if isinstance(ckpt, (str, pathlib.Path)) else ckpt
@@ -155,6 +157,10 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
     else:
         samples, names = scan_mvtec(data, classes, "test")
         ds = AnomalyDataset(samples, pp.input_size, pp.channels, pp.mean, pp.std, class_names=names)
+    known = sorted({s.defect_type for s in ds.samples if s.label == 1})
+    unknown = sorted(set(overlay_types or ()) - set(known))
+    if unknown:
+        raise DataError(f"overlay types {unknown}: not defect types of the scored split (it has {known})")
     res, scores, labels, indices = score_dataset(model, ds, batch_size, workers, device, progress, by_type=True)
     res["table"] = format_table(res)
     res["n_images"] = int(len(ds))
@@ -175,7 +181,7 @@ def evaluate(ckpt, data, out_dir=None, classes=None, batch_size: int = 8, worker
         out = pathlib.Path(out_dir)
         (out / "overlays").mkdir(parents=True, exist_ok=True)
         res["overlays"] = _write_overlays(model, ds, scores, labels, indices, st, out / "overlays",
-                                          n_overlays, pp, device)
+                                          n_overlays, pp, device, overlay_types)
         (out / "metrics.json").write_text(json.dumps(jsonable(res), indent=2))
     return res
 
@@ -231,10 +237,13 @@ def format_type_table(per_type: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_overlays(model, ds, scores, labels, indices, stats, folder: pathlib.Path, k: int, pp, device):
+def _write_overlays(model, ds, scores, labels, indices, stats, folder: pathlib.Path, k: int, pp, device,
+                    types: Optional[Sequence[str]] = None):
     import cv2
 
     good, bad = np.nonzero(labels == 0)[0], np.nonzero(labels == 1)[0]
+    if types:
+        bad = bad[[ds.samples[int(indices[i])].defect_type in types for i in bad]]
     good = good[np.argsort(-scores[good], kind="stable")]   # highest normal first (false alarms)
     bad = bad[np.argsort(scores[bad], kind="stable")]       # lowest defect first (misses)
     picks = [("worst", "good", i) for i in good[:k]] + [("worst", "defect", i) for i in bad[:k]]
@@ -265,6 +274,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--overlays", type=int, default=4, help="images per worst/best x good/defect group")
+    ap.add_argument("--overlay-types", default=None, metavar="TYPES",
+                    help="comma-separated defect types the defective overlays are drawn from (default: all)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--val-synthetic", action="store_true",
@@ -296,7 +307,8 @@ def main(argv=None) -> int:
     try:
         res = evaluate(a.ckpt, a.data, a.out, a.classes, a.batch_size, a.workers, a.overlays, a.device,
                        progress=not a.no_progress, val_synthetic=a.val_synthetic, val_defects=val_defects,
-                       val_opacity=val_opacity)
+                       val_opacity=val_opacity,
+                       overlay_types=[t.strip() for t in a.overlay_types.split(",") if t.strip()] if a.overlay_types else None)
     except (CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -117,3 +117,25 @@ def test_cli(setup, capsys, tmp_path):
     assert main(["--ckpt", str(bad), "--data", str(root), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_overlay_types_draw_the_defective_overlays_from_those_types(setup, capsys, tmp_path):
+    root, ckpt, _ = setup
+    samples, _ = scan_mvtec(root, None, "test")
+    t = sorted({s.defect_type for s in samples if s.label == 1})[0]
+    of_t = [s for s in samples if s.defect_type == t]
+    assert 2 <= len(of_t) < sum(s.label for s in samples)
+    out = tmp_path / "ev"
+    assert main(["--ckpt", str(ckpt), "--data", str(root), "--out", str(out), "--overlays", "2",
+                 "--overlay-types", t, "--no-progress"]) == 0
+    res = json.loads((out / "metrics.json").read_text())
+    defect = [p.split("/")[-1] for p in res["overlays"] if "_defect_" in p.split("/")[-1]]
+    assert len(defect) == 4 and all(f"_{t}_" in p for p in defect)
+    # the worst one is the lowest-scored image of that type
+    score = dict(zip(res["scores"]["index"], res["scores"]["score"]))
+    low = min((score[samples.index(s)], s.path.stem) for s in of_t)[1]
+    assert any(p.startswith("worst_defect_") and low in p for p in defect)
+    capsys.readouterr()
+    assert main(["--ckpt", str(ckpt), "--data", str(root), "--overlay-types", "nonesuch", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nonesuch" in err[0] and t in err[0]
