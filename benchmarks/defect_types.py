@@ -1,4 +1,4 @@
-"""Which defects each model misses: image AUROC per defect type, from `models.evaluate` results.
+"""Which defects each model misses: image and pixel AUROC per defect type, from `models.evaluate` results.
 
     python benchmarks/defect_types.py --data ../shared/data/magnetic_tile \\
         --eval padim=eval_padim/metrics.json --eval dvad=eval_s0/metrics.json --eval dvad=eval_s1/metrics.json \\
@@ -10,8 +10,9 @@ sample standard deviation. Per class and defect type (the test/ folders of --dat
 that type's images against the class's normal images (`models.evaluate.defect_type_breakdown`,
 recomputed from the saved per-image scores, so results written before the breakdown existed work too),
 and the pixel AUROC of the same images where the result has it (`models.evaluate` saves it per type;
-"-" for older results). Writes defect_types.md (two tables per class: image, pixel AUROC) and defect_types.png (grouped bars, one group per defect
-type, the seed spread as error bars) under --out, and prints the table.
+results written before that count no pixel run). Writes defect_types.md (per class an image and a
+pixel table), defect_types.json and defect_types.png (grouped bars, one group per defect type, image
+AUROC above pixel AUROC, the seed spread as error bars) under --out, and prints the tables.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def load_eval(item: str, samples) -> tuple:
 
 def summarise(data, evals: Sequence[str], classes=None) -> dict:
     """{"classes": {class: {"types": [..], "n": {type: images}, "rows": [{name, runs, all, all_sd,
-    types: {type: mean}, sd: {type: sd}, pixel: {the same keys for the pixel AUROC}}]}}} over the
-    --eval entries, grouped by name."""
+    types: {type: mean}, sd: {type: sd}, pixel: {the same keys for the pixel AUROC, over the runs
+    whose result has it per type}}]}}} over the --eval entries, grouped by name."""
     from models.data import scan_mvtec
 
     samples, _ = scan_mvtec(data, classes, "test")
@@ -76,20 +77,25 @@ def summarise(data, evals: Sequence[str], classes=None) -> dict:
         n = {t: sum(1 for s in samples if s.class_name == cls and s.defect_type == t) for t in types}
         rows = []
         for name, runs in grouped.items():
-            row = dict(name=name, runs=len(runs))
-            for key, (k_type, k_all) in (("image", (0, 1)), ("pixel", (2, 3))):
-                per = np.array([[r[k_type][cls][t] for t in types] for r in runs], np.float64)
-                alls = np.array([r[k_all][cls] for r in runs], np.float64)
-                sd = per.std(axis=0, ddof=1) if len(runs) > 1 else np.full(len(types), np.nan)
-                stats = dict(all=float(alls.mean()), all_sd=float(alls.std(ddof=1)) if len(runs) > 1 else float("nan"),
-                             types=dict(zip(types, per.mean(axis=0).tolist())), sd=dict(zip(types, sd.tolist())))
-                if key == "image":
-                    row.update(stats)
-                else:
-                    row["pixel"] = stats
-            rows.append(row)
+            row = _stats(np.array([[r[0][cls][t] for t in types] for r in runs], np.float64),
+                         np.array([r[1][cls] for r in runs], np.float64), types)
+            # pixel values over the runs whose result has them per type (older results do not)
+            px = [r for r in runs if all(np.isfinite(r[2][cls][t]) for t in types)]
+            row["pixel"] = _stats(np.array([[r[2][cls][t] for t in types] for r in px], np.float64).reshape(len(px), len(types)),
+                                  np.array([r[3][cls] for r in px], np.float64), types)
+            rows.append(dict(name=name, **row))
         out["classes"][cls] = dict(types=types, n=n, rows=rows)
     return out
+
+
+def _stats(per: np.ndarray, alls: np.ndarray, types) -> dict:
+    """Mean and sample sd over runs (rows of `per`, entries of `alls`); NaN where there are too few."""
+    n = len(alls)
+    sd = per.std(axis=0, ddof=1) if n > 1 else np.full(len(types), np.nan)
+    mean = per.mean(axis=0) if n else np.full(len(types), np.nan)
+    return dict(runs=n, all=float(alls.mean()) if n else float("nan"),
+                all_sd=float(alls.std(ddof=1)) if n > 1 else float("nan"),
+                types=dict(zip(types, mean.tolist())), sd=dict(zip(types, sd.tolist())))
 
 
 def _cell(mean: float, sd: float) -> str:
@@ -99,44 +105,54 @@ def _cell(mean: float, sd: float) -> str:
 def markdown(res: dict) -> str:
     lines = []
     for cls, c in res["classes"].items():
-        for what, pick, against in (("Image", lambda r: r, "the class's normal images"),
-                                    ("Pixel", lambda r: r["pixel"], "every normal pixel of those and the normal images")):
+        for what, pick, against in (("Image", lambda r: r, "each type's images against the class's normal images"),
+                                    ("Pixel", lambda r: r["pixel"], "each type's defect pixels against every normal "
+                                     "pixel of those images and of the class's normal images")):
             if what == "Pixel" and not any(np.isfinite(v) for r in c["rows"] for v in r["pixel"]["types"].values()):
                 continue
-            lines += [f"{what} AUROC (%) per defect type of `{cls}` (each type's images against {against}; "
+            lines += [f"{what} AUROC (%) per defect type of `{cls}` ({against}; "
                       f"mean +- sd over runs sharing a name):", "",
                       "| model | runs | all | " + " | ".join(f"{t} ({c['n'][t]})" for t in c["types"]) + " |",
                       "| --- " * (len(c["types"]) + 3) + "|"]
             for r in c["rows"]:
                 v = pick(r)
-                lines.append(f"| {r['name']} | {r['runs']} | {_cell(v['all'], v['all_sd'])} | "
+                lines.append(f"| {r['name']} | {v['runs']} | {_cell(v['all'], v['all_sd'])} | "
                              + " | ".join(_cell(v["types"][t], v["sd"][t]) for t in c["types"]) + " |")
             lines.append("")
     return "\n".join(lines)
 
 
 def plot(res: dict, path) -> None:
+    """Grouped bars per defect type: image AUROC, and below it the pixel AUROC where results have it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = list(res["classes"].items())
-    fig, axes = plt.subplots(len(classes), 1, figsize=(7.2, 4.4 * len(classes)), squeeze=False)
-    for ax, (cls, c) in zip(axes[:, 0], classes):
+    panels = []
+    for cls, c in res["classes"].items():
+        panels.append((cls, c, "image", lambda r: r))
+        if any(r["pixel"]["runs"] for r in c["rows"]):
+            panels.append((cls, c, "pixel", lambda r: r["pixel"]))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.2, 4.4 * len(panels)), squeeze=False)
+    for ax, (cls, c, what, pick) in zip(axes[:, 0], panels):
         x = np.arange(len(c["types"]))
         width = 0.8 / max(1, len(c["rows"]))
         for k, r in enumerate(c["rows"]):
-            ys = [100 * r["types"][t] for t in c["types"]]
-            err = [100 * r["sd"][t] for t in c["types"]] if r["runs"] > 1 else None
-            ax.bar(x + (k - (len(c["rows"]) - 1) / 2) * width, ys, width, yerr=err, capsize=2,
-                   label=f"{r['name']} ({100 * r['all']:.1f}, {r['runs']} run{'s' if r['runs'] > 1 else ''})")
+            v = pick(r)
+            ys = [100 * v["types"][t] for t in c["types"]]
+            err = [100 * v["sd"][t] for t in c["types"]] if v["runs"] > 1 else None
+            label = (f"{r['name']} ({100 * v['all']:.1f}, {v['runs']} run{'s' if v['runs'] > 1 else ''})"
+                     if v["runs"] else f"{r['name']} (no per-type {what} values)")
+            ax.bar(x + (k - (len(c["rows"]) - 1) / 2) * width, ys, width, yerr=err, capsize=2, label=label)
         ax.set_xticks(x, [f"{t}\n({c['n'][t]})" for t in c["types"]])
-        lo = min([100 * v for r in c["rows"] for v in r["types"].values() if np.isfinite(v)] + [50.0])
+        vals = [100 * pick(r)["types"][t] for r in c["rows"] for t in c["types"]]
+        lo = min([v for v in vals if np.isfinite(v)] + [50.0])
         ax.set_ylim(max(0.0, np.floor(lo / 10) * 10 - 5), 100)
-        ax.set_ylabel("image AUROC (%)")
-        ax.set_title(f"{cls}: each defect type against the normal images (legend: all types, runs; bars: sd)",
-                     fontsize=9)
+        ax.set_ylabel(f"{what} AUROC (%)")
+        against = "its images against the normal ones" if what == "image" else "its defect pixels against normal ones"
+        ax.set_title(f"{cls}: {what} AUROC per defect type, {against} (legend: all types, runs; bars: sd)",
+                     fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()

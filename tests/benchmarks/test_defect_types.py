@@ -77,10 +77,11 @@ def test_per_type_auroc_and_seed_mean_match_sklearn(setting, tmp_path, capsys):
             assert 0.0 < px < 1.0 and rows["padim"]["pixel"]["types"][t] == pytest.approx(px)
             assert rows["rand"]["pixel"]["types"][t] == pytest.approx(px) and rows["rand"]["pixel"]["sd"][t] < 1e-12
             assert np.isnan(rows["old"]["pixel"]["types"][t]) and rows["old"]["types"][t] == rows["padim"]["types"][t]
+        assert rows["old"]["pixel"]["runs"] == 0 and rows["rand"]["pixel"]["runs"] == 3
         assert rows["padim"]["pixel"]["all"] == pytest.approx(padim["per_class"][cls]["pixel_auroc"])
     text = capsys.readouterr().out
     assert "| padim | 1 |" in text and "| rand | 3 |" in text and "+-" in text
-    assert text.count("Pixel AUROC (%) per defect type") == 2 and "| old | 1 | " in text
+    assert text.count("Pixel AUROC (%) per defect type") == 2 and "| old | 1 | " in text and "| old | 0 | - |" in text
     assert (out / "defect_types.md").read_text() in text
     assert (out / "defect_types.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
