@@ -313,7 +313,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(res["table"])
-    print("\nper defect type (I-AUROC against the class's normal images; flagged = at or above the threshold):")
+    print("\nper defect type (I-AUROC against the class's normal images; flagged = at or above the threshold; "
+          "P-AUROC / AUPRO: the type's defect pixels against the normal pixels of its and the normal images):")
     print(res["type_table"])
     t = res["threshold"]
     print(f"at the saved threshold {t['value']:.5f} ({t['method']}): TP {t['tp']} FP {t['fp']} "
