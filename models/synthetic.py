@@ -22,7 +22,10 @@ Defects (`DEFECTS`, the default set of `generate_dataset` and of the validation 
 colour alpha-blended with mottled opacity; near-black on the gray texture), color (region with a strong
 colour / brightness shift that keeps the underlying texture). On request (`DEFECT_TYPES`): crack (a
 one-pixel jagged line, a random walk of short segments, darkened to 35 % of the surface: thinner and
-lower in contrast than a scratch, like the cracks of magnetic tile). Each defect is drawn into a binary mask first
+lower in contrast than a scratch, like the cracks of magnetic tile); band (a band across the whole
+image between two gently wavy boundaries, 15-40 % of it and half the time starting at an edge, its
+brightness shifted by 45 levels and its texture contrast raised 1.6x: like magnetic tile's "uneven"
+surfaces, whole regions ground or lit differently). Each defect is drawn into a binary mask first
 (aliasing off) and then only the masked pixels are modified, so the mask is exact: a pixel differs
 from the defect-free rendering iff it is in the mask (up to the rare case where the modified value
 rounds to the original one).
@@ -44,7 +47,7 @@ import numpy as np
 
 KINDS = ("texture", "fabric", "stripe", "object")
 DEFECTS = ("scratch", "hole", "stain", "color")
-DEFECT_TYPES = DEFECTS + ("crack",)      # every type render_sample / paste_defect / generate_dataset draw
+DEFECT_TYPES = DEFECTS + ("crack", "band")   # every type render_sample / paste_defect / generate_dataset draw
 GRAY_KINDS = ("texture",)
 _MARKER = ".synthetic.json"
 # stain colour per class: far from the surface colour and, for the object, off the
@@ -178,6 +181,24 @@ def _defect_mask(kind: str, rng, size, region) -> np.ndarray:
             ay = max(2, int(r * rng.uniform(0.4, 0.9)))
             cv2.ellipse(m, (int(x + ox), int(y + oy)), (ax, ay), float(rng.uniform(0, 180)), 0, 360, 1, -1,
                         cv2.LINE_8)
+    elif kind == "band":
+        t = np.arange(size, dtype=np.float64)
+        width = rng.uniform(0.15, 0.40) * size
+        start = 0.0 if rng.random() < 0.5 else rng.uniform(0.0, size - width)
+        lo, hi = start, start + width
+
+        def wave():
+            return 0.04 * size * np.sin(2 * np.pi * t / size * rng.uniform(0.5, 1.5) + rng.uniform(0, 2 * np.pi))
+        edge_lo = np.full(size, -1.0) if start == 0.0 else lo + wave()   # -1: the band starts at the edge
+        edge_hi = hi + wave()
+        across = t[:, None]                                               # rows: the band is horizontal
+        m[:] = (across >= edge_lo[None, :]) & (across < edge_hi[None, :])
+        if rng.random() < 0.5:
+            m[:] = m.T.copy()                                             # or vertical
+        if rng.random() < 0.5:
+            m[:] = m[::-1].copy() if rng.random() < 0.5 else m[:, ::-1].copy()   # from the other edge
+        if region is not None:
+            m &= region.astype(np.uint8)
     elif kind == "color":
         x, y = _pick_center(rng, size, region, 0.2)
         ax = max(3, int(rng.uniform(0.08, 0.14) * size))
@@ -207,6 +228,10 @@ def _apply_defect(img: np.ndarray, defect: str, mask: np.ndarray, rng, kind: str
             blot = _smooth_noise(rng, img.shape[0], 1.5)[mask]
             alpha = (0.7 + 0.25 * np.clip(blot / 2.0, -1.0, 1.0))[:, None]
         img[mask] = (1.0 - alpha) * img[mask] + alpha * stain[None, :]
+    elif defect == "band":
+        local = cv2.GaussianBlur(img, (0, 0), max(1.0, img.shape[0] / 64.0))
+        shift = -45.0 if float(img[mask].mean()) > 128 else 45.0
+        img[mask] = local[mask] + shift + 1.6 * (img[mask] - local[mask])
     elif defect == "color":
         if gray:
             level = float(img[mask].mean())
