@@ -33,8 +33,8 @@ class DefectTypesError(ValueError):
 
 
 def load_eval(item: str, samples) -> tuple:
-    """'NAME=PATH' -> (name, {class: {type: image AUROC}}, {class: image AUROC}, {class: {type: pixel
-    AUROC}}, {class: pixel AUROC}) of a test-split result (pixel values NaN where it has none)."""
+    """'NAME=PATH' -> (name, {"image" | "pixel": {class: ({type: AUROC}, AUROC over all types)}}) of a
+    test-split result (pixel values NaN where it has none)."""
     from models.evaluate import defect_type_breakdown
 
     name, sep, path = item.partition("=")
@@ -56,8 +56,8 @@ def load_eval(item: str, samples) -> tuple:
     aurocs = {c: {t: r["image_auroc"] for t, r in types.items() if t != "good"} for c, types in per_type.items()}
     saved = res.get("per_type") or {}
     pixel = {c: {t: float(saved.get(c, {}).get(t, {}).get("pixel_auroc", np.nan)) for t in aurocs[c]} for c in aurocs}
-    return (name, aurocs, {c: float(per_class[c]["image_auroc"]) for c in aurocs}, pixel,
-            {c: float(per_class[c].get("pixel_auroc", np.nan)) for c in aurocs})
+    return name, {"image": {c: (aurocs[c], float(per_class[c]["image_auroc"])) for c in aurocs},
+                  "pixel": {c: (pixel[c], float(per_class[c].get("pixel_auroc", np.nan))) for c in aurocs}}
 
 
 def summarise(data, evals: Sequence[str], classes=None) -> dict:
@@ -67,30 +67,30 @@ def summarise(data, evals: Sequence[str], classes=None) -> dict:
     from models.data import scan_mvtec
 
     samples, _ = scan_mvtec(data, classes, "test")
-    grouped: Dict[str, List[tuple]] = {}
+    grouped: Dict[str, List[dict]] = {}
     for item in evals:
-        name, *runs = load_eval(item, samples)
-        grouped.setdefault(name, []).append(runs)
+        name, levels = load_eval(item, samples)
+        grouped.setdefault(name, []).append(levels)
     out: dict = {"data": str(data), "classes": {}}
     for cls in sorted({s.class_name for s in samples}):
         types = sorted({s.defect_type for s in samples if s.class_name == cls} - {"good"})
         n = {t: sum(1 for s in samples if s.class_name == cls and s.defect_type == t) for t in types}
         rows = []
         for name, runs in grouped.items():
-            row = _stats(np.array([[r[0][cls][t] for t in types] for r in runs], np.float64),
-                         np.array([r[1][cls] for r in runs], np.float64), types)
+            row = _stats([r["image"][cls] for r in runs], types)
             # pixel values over the runs whose result has them per type (older results do not)
-            px = [r for r in runs if all(np.isfinite(r[2][cls][t]) for t in types)]
-            row["pixel"] = _stats(np.array([[r[2][cls][t] for t in types] for r in px], np.float64).reshape(len(px), len(types)),
-                                  np.array([r[3][cls] for r in px], np.float64), types)
+            row["pixel"] = _stats([r["pixel"][cls] for r in runs
+                                   if all(np.isfinite(r["pixel"][cls][0][t]) for t in types)], types)
             rows.append(dict(name=name, **row))
         out["classes"][cls] = dict(types=types, n=n, rows=rows)
     return out
 
 
-def _stats(per: np.ndarray, alls: np.ndarray, types) -> dict:
-    """Mean and sample sd over runs (rows of `per`, entries of `alls`); NaN where there are too few."""
-    n = len(alls)
+def _stats(runs: Sequence[tuple], types) -> dict:
+    """Mean and sample sd over runs of ({type: AUROC}, AUROC over all types); NaN where too few."""
+    n = len(runs)
+    per = np.array([[r[0][t] for t in types] for r in runs], np.float64).reshape(n, len(types))
+    alls = np.array([r[1] for r in runs], np.float64)
     sd = per.std(axis=0, ddof=1) if n > 1 else np.full(len(types), np.nan)
     mean = per.mean(axis=0) if n else np.full(len(types), np.nan)
     return dict(runs=n, all=float(alls.mean()) if n else float("nan"),

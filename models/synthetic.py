@@ -185,12 +185,11 @@ def _defect_mask(kind: str, rng, size, region) -> np.ndarray:
         t = np.arange(size, dtype=np.float64)
         width = rng.uniform(0.15, 0.40) * size
         start = 0.0 if rng.random() < 0.5 else rng.uniform(0.0, size - width)
-        lo, hi = start, start + width
 
         def wave():
             return 0.04 * size * np.sin(2 * np.pi * t / size * rng.uniform(0.5, 1.5) + rng.uniform(0, 2 * np.pi))
-        edge_lo = np.full(size, -1.0) if start == 0.0 else lo + wave()   # -1: the band starts at the edge
-        edge_hi = hi + wave()
+        edge_lo = np.full(size, -1.0) if start == 0.0 else start + wave()   # -1: the band starts at the edge
+        edge_hi = start + width + wave()
         across = t[:, None]                                               # rows: the band is horizontal
         m[:] = (across >= edge_lo[None, :]) & (across < edge_hi[None, :])
         if rng.random() < 0.5:
