@@ -25,8 +25,8 @@ What it does
   * resumable: after every epoch `<out>.state` holds weights, optimiser state, epoch, loss history
     (plain tensors / numbers, loaded with weights_only=True); --resume continues from it. Resuming a
     finished run re-scores it: the scoring fields (`models.recipe.SCORING_FIELDS`: blur_sigma,
-    score_topk, map_strides) may then differ from the saved config, e.g. `--resume --config
-    score_topk=0.01`; the same weights are recalibrated, re-validated and saved to --out.
+    score_topk, map_strides, memory_weight, memory_ratio) may then differ from the saved config, e.g.
+    `--resume --config score_topk=0.01`; the same weights are recalibrated, re-validated and saved to --out.
   * calibration (models.base.ScoreStats) on images not used for training: threshold = the
     (1 - far) quantile of the held-out normal scores; when --val-data names an MVTec-layout folder
     whose test/ split has labelled defects, the F1-optimal threshold over those plus the held-out
@@ -244,6 +244,9 @@ def _load_state(path: pathlib.Path, model_name: str, config: dict, epochs: int) 
     if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
         raise TrainError(f"{path}: not a training state file of this toolkit; delete it to start over")
     saved = json.loads(blob.get("config_json", "{}"))
+    if blob.get("model") == model_name:   # fields added since the state was written: it ran with their defaults
+        defaults = get_model_class(model_name).config_class().to_dict()
+        saved = dict({k: defaults[k] for k in config if k not in saved and k in defaults}, **saved)
     if int(blob.get("epoch", 0)) >= epochs:   # a finished run: its scoring fields may change, nothing else
         saved = dict(saved, **{k: config[k] for k in SCORING_FIELDS if k in config})
     if blob.get("model") != model_name or saved != config:
