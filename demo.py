@@ -23,13 +23,13 @@ SHARED = ROOT.parent / "shared" / "data" / "magnetic_tile"
 
 # A CPU-sized DVAD: 128 px tiles, one block per decoder stage (all branches on: Mamba scan,
 # CNN, Hyper AD plug-in, MoE gate). Trains in about a minute on 2 cores.
-# map_strides / score_topk / hard_fraction / encoder: the 128 px demo model keeps the map of all three
-# scales, its maximum, the plain loss and the smallest encoder (DVAD's stride-16 / top-1 % / hard-mining /
-# Lite2 defaults were chosen at 256 px on magnetic tile over 10 epochs; at 128 px the stride-16 map is
-# 8 x 8, and the demo trains 2 epochs)
+# map_strides / score_topk / hard_fraction / encoder / memory_weight: the 128 px demo model keeps the map
+# of all three scales, its maximum, the plain loss, the smallest encoder and no memory term (DVAD's
+# stride-16 / top-1 % / hard-mining / Lite2 / memory defaults were chosen at 256 px on magnetic tile over
+# 10-20 epochs; at 128 px the stride-16 map is 8 x 8, and the demo trains 2 epochs)
 DEMO_CONFIG = {"input_size": 128, "encoder": "efficientnet_lite0", "dims": [64, 32, 32, 16],
                "depths": [1, 1, 1, 1], "d_state": 8, "scan": "raster4", "map_strides": [4, 8, 16],
-               "score_topk": 0.0, "hard_fraction": 0.0}
+               "score_topk": 0.0, "hard_fraction": 0.0, "memory_weight": 0.0}
 
 
 def log(msg: str) -> None:

@@ -82,8 +82,15 @@ def build_models(ckpt: Optional[str], size: Optional[int], train: bool, model_na
             model = create_model(model_name, pretrained=False, input_size=size)
         except (ValueError, TypeError) as e:
             raise BenchError(f"--model {model_name}: cannot be built ({e})") from None
-        source = (f"freshly initialised {model_name} (untrained, random encoder weights: "
-                  f"timings only, scores meaningless)")
+        # statistics / memories fitted on a few random images (a memory of their patches: smaller
+        # than one fitted on a real training set, so its search is timed at that size)
+        g = torch.Generator().manual_seed(0)
+        rand = [torch.randn(4, 3, size, size, generator=g) for _ in range(2)]
+        with torch.no_grad():
+            model.eval().prepare(rand)
+            model.finalize(rand)
+        source = (f"freshly initialised {model_name} (untrained, random encoder weights, fitted on random "
+                  f"images: timings only, scores meaningless)")
     model = model.eval()
     in_size = model.preprocess.input_size
     enc = getattr(model.config, "encoder", "efficientnet_lite0")

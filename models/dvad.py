@@ -46,7 +46,9 @@ Defaults (CPU-trainable, ~1.4 M trainable parameters; `DVADConfig.paper()` gives
   (1, 1, 1, 1), d_state 8, expand 1, raster4 scans (4 directions), Mamba branch at strides 32/16/8
   only (the stride-4 stage keeps the CNN branches: its 64x64 scan alone costs more than the rest of
   the decoder), M = 4 experts, hyper latent 32, adapter rank 8; trained 20 epochs with hard mining
-  (hard_fraction 0.9), scored on the stride-16 map by its top 1 % (models.recipe).
+  (hard_fraction 0.9), scored on the stride-16 map plus the nearest-neighbour term (memory_weight 1:
+  a coreset of 10 % of the training images' stride-16 features, ~17.6 k x 120 on magnetic tile, 8 MB)
+  by its top 1 % (models.recipe).
   Measured here (2 shared cores, batch 8, cached encoder features, one thread): ~1.4 s of CPU time
   per training step (fwd + bwd): ~2 min of one core per epoch of ~700 images (Lite0; the default's
   20 epochs take ~31 min with two threads on the quiet 2-core VM); with expand 2 it is 3.3 s, with
@@ -118,6 +120,10 @@ class DVADConfig(ConfigBase, ReconRecipe):
     # 20 epochs chosen on the validation split's crack probe over 3 seeds (benchmarks/RESULTS.md section
     # 12, fifth round); ~31 min with two threads on a 2-core CPU
     epochs: int = 20
+    # the nearest-neighbour term of models.recipe at equal weight with the reconstruction, chosen on the
+    # validation split's band probe over 3 seeds (benchmarks/RESULTS.md section 12, ninth round): it
+    # sees inside region-wide anomalies the decoder reconstructs; built after training (a few minutes)
+    memory_weight: float = 1.0
 
     def __post_init__(self):
         def bad(field_name, expected, got):
@@ -152,22 +158,23 @@ class DVADConfig(ConfigBase, ReconRecipe):
     @classmethod
     def tiny(cls, **kw):
         """Seconds-to-train sizes for tests (input 64, the smallest encoder Lite0); scored on all three
-        scales by their maximum, the rule the map tests check against their references, trained
-        without hard mining (test_recipe covers the defaults)."""
+        scales by their maximum without the memory term, the rule the map tests check against their
+        references, trained without hard mining (test_recipe / test_recipe_memory cover the defaults)."""
         base = dict(input_size=64, encoder="efficientnet_lite0", dims=(32, 16, 16, 16), depths=(1, 1, 1, 1),
                     d_state=4, mamba_strides=(32, 16, 8, 4), map_strides=(4, 8, 16), score_topk=0.0,
                     hard_fraction=0.0, hyper_latent=8, hyper_hidden=16, hyper_rank=4, class_embed_dim=8,
-                    blur_sigma=2.0)
+                    blur_sigma=2.0, memory_weight=0.0)
         base.update(kw)
         return cls(**base)
 
     @classmethod
     def paper(cls, **kw):
-        """The paper's sizes (MambaAD decoder on ResNet-34; DVAD adds hyper + MoE)."""
+        """The paper's sizes (MambaAD decoder on ResNet-34; DVAD adds hyper + MoE), scored by the
+        reconstruction alone as the paper does (no memory term)."""
         base = dict(encoder="resnet34", dims=(512, 256, 128, 64), depths=(3, 4, 6, 3), d_state=16,
                     mamba_strides=(32, 16, 8, 4),
                     scan="hilbert8", hyper_latent=64, hyper_hidden=128, hyper_rank=16,
-                    class_embed_dim=64)
+                    class_embed_dim=64, memory_weight=0.0)
         base.update(kw)
         return cls(**base)
 
@@ -428,6 +435,9 @@ class MambaADConfig(DVADConfig):
     # the widths MambaAD was measured at over 3 seeds (RESULTS.md section 12, sixth round); DVAD's wider
     # stride-16 stage was chosen for DVAD and has not been trained in this ablation
     dims: Tuple[int, ...] = (128, 64, 32, 32)
+    # and without DVAD's memory term (chosen for DVAD in the ninth round; MambaAD's numbers are its
+    # reconstruction alone)
+    memory_weight: float = 0.0
 
 
 @register_model("mambaad")
