@@ -429,7 +429,11 @@ def train(data, classes=None, model: str = "dvad", epochs: Optional[int] = None,
                                              images_seen=images_seen, train_time=train_time))
         del cache
     net.eval()
-    net.finalize(prep_loader)
+    t0 = time.perf_counter()
+    net.finalize(prep_loader)                    # post-training statistics / memory (none for most models)
+    t_final = time.perf_counter() - t0
+    if t_final > 1.0:
+        log(f"finalize (statistics / memory after training): {t_final:.0f} s")
 
     # ---- calibration on held-out images ------------------------------------------------------
     vl = torch.utils.data.DataLoader(val_ds, batch_size=batch_size, num_workers=workers)
@@ -453,7 +457,7 @@ def train(data, classes=None, model: str = "dvad", epochs: Optional[int] = None,
             f"P-AUROC {100 * v['pixel_auroc']:.1f}, AUPRO {100 * v['pixel_aupro']:.1f}")
     summary.update(
         final_loss=history[-1] if history else None, loss_history=history,
-        train_time_s=train_time, cache_time_s=t_cache, images_seen=images_seen,
+        train_time_s=train_time, cache_time_s=t_cache, finalize_time_s=t_final, images_seen=images_seen,
         images_per_s=images_seen / train_time if train_time > 0 else None,
         score_stats=net.score_stats.to_dict(), training=net.training_geometry,
         trainable_parameters=sum(p.numel() for p in params),

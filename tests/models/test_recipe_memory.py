@@ -143,4 +143,4 @@ def test_rescoring_a_finished_run_adds_the_memory_to_the_same_weights(tmp_path):
         assert torch.equal(v, again.state_dict()[k]), k
     saved = load_checkpoint(tmp_path / "r.pt")
     assert saved.config.memory_weight == 1.0 and saved.config.memory_rows == again.memory.shape[0] > 0
-    assert summary["config"]["memory_weight"] == 1.0
+    assert summary["config"]["memory_weight"] == 1.0 and summary["finalize_time_s"] > 0
