@@ -13,7 +13,7 @@ fields of the recipe (benchmarks/RESULTS.md section 12 has the ablations that ch
   map, score  per scale in `map_strides` 1 - cos(target, reconstruction), upsampled, averaged,
               Gaussian blur `blur_sigma`; image score = mean of the top `score_topk` fraction of
               the map (0 = its maximum).
-  memory      `memory_weight` W > 0 (off by default): a nearest-neighbour term in the map, for
+  memory      `memory_weight` W > 0 (0 here; DVAD's default is 1): a nearest-neighbour term in the map, for
               anomalies the decoder reconstructs as well as normal texture (large regions: the
               eighth round of RESULTS section 12). After training, `finalize` keeps a greedy
               coreset (`models.memory`, `memory_ratio` of the patches) of the training images'
