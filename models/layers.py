@@ -14,7 +14,7 @@ Shapes (B batch, S input side, f_s encoder feature at stride s with C_s channels
   cosine_anomaly_map(feats, recs, size, blur_sigma, topk) -> (map (B, 1, size, size), score (B,))
       per scale 1 - cosine over channels, bilinear to the input size, mean over scales, Gaussian blur
       (fixed separable conv, replicate padding), score = `image_score`: the map's max (topk 0) or
-      the mean of its top-`topk` fraction of pixels. `fuse_maps(maps, size, blur_sigma, topk,
+      the mean of its top-`topk` fraction of pixels. `weighted_anomaly_map(maps, size, blur_sigma, topk,
       weights)` is its second half for any maps (a weighted sum instead of the mean).
   cosine_loss(feats, recs, kind, hard_fraction, hard_factor) -> scalar: sum over scales of the mean
       per-pixel 1 - cosine ("pixel") or per-image cosine of the flattened maps ("global"), with
@@ -164,24 +164,26 @@ def image_score(amap: torch.Tensor, topk: float = 0.0) -> torch.Tensor:
     return torch.topk(flat, k, dim=1).values.mean(dim=1)
 
 
-def fuse_maps(maps, size, blur_sigma: float = 4.0, topk: float = 0.0, weights=None):
+def weighted_anomaly_map(maps, size, blur_sigma: float = 4.0, topk: float = 0.0, weights=None):
     """(map (B, 1, H, W), score (B,)): sum over maps (B, 1, h_i, w_i) of weight_i x the map bilinearly
     upsampled to `size` (weights default to 1 / len(maps): the mean), Gaussian blur; score =
     `image_score(map, topk)`."""
     hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    weights = [1.0 / len(maps)] * len(maps) if weights is None else weights
     amap = None
-    for m, w in zip(maps, weights):
-        up = F.interpolate(m, size=hw, mode="bilinear", align_corners=False) * w
+    for i, m in enumerate(maps):
+        up = F.interpolate(m, size=hw, mode="bilinear", align_corners=False)
+        if weights is not None:
+            up = up * weights[i]
         amap = up if amap is None else amap + up
-    amap = gaussian_blur(amap, blur_sigma)
+    # the mean as a sum divided once: the graph (and its fp16 / int8 exports) of the maps' mean as before
+    amap = gaussian_blur(amap / len(maps) if weights is None else amap, blur_sigma)
     return amap, image_score(amap, topk)
 
 
 def cosine_anomaly_map(feats, recs, size, blur_sigma: float = 4.0, topk: float = 0.0):
     """(map (B, 1, H, W), score (B,)): mean over scales of the upsampled 1 - cosine maps, blurred;
     score = `image_score(map, topk)`."""
-    return fuse_maps(cosine_distance_maps(feats, recs), size, blur_sigma, topk)
+    return weighted_anomaly_map(cosine_distance_maps(feats, recs), size, blur_sigma, topk)
 
 
 LOSSES = ("pixel", "global")

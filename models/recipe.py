@@ -179,11 +179,11 @@ class ReconstructionModel(AnomalyModel):
         topk = 0.0 if self._legacy else c.score_topk
         rmaps = self._recon_maps(feats, recs)
         if self._legacy or c.memory_weight <= 0:
-            return L.fuse_maps(rmaps, tuple(x.shape[-2:]), c.blur_sigma, topk)
+            return L.weighted_anomaly_map(rmaps, tuple(x.shape[-2:]), c.blur_sigma, topk)
         dmap = self._memory_map(feats)
         s_r, s_d = self.memory_scales[0], self.memory_scales[1]
         weights = [1.0 / (len(rmaps) * s_r)] * len(rmaps) + [c.memory_weight / s_d]
-        return L.fuse_maps(rmaps + [dmap], tuple(x.shape[-2:]), c.blur_sigma, topk, weights)
+        return L.weighted_anomaly_map(rmaps + [dmap], tuple(x.shape[-2:]), c.blur_sigma, topk, weights)
 
     @torch.no_grad()
     def finalize(self, loader) -> None:
