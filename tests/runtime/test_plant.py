@@ -187,8 +187,10 @@ def test_opcua_serves_verdicts_events_and_reject_pulses(onnx_artifact):
                 idx2 = await c2.get_namespace_index("urn:edge-ad:stream")
                 o2 = await c2.nodes.objects.get_child([f"{idx2}:Stream"])
                 second["recent"] = [json.loads(x) for x in await (await o2.get_child([f"{idx2}:RecentEvents"])).read_value()]
+            # one node at a time while the stream runs: LinesScored before LinesIn, so that the two
+            # monotonic counters compare as a snapshot would (the server writes LinesIn first)
             values = {k: await (await node(k)).read_value() for k in
-                      ("RejectLine", "RejectSeq", "RejectLength", "Events", "LinesIn", "LinesScored",
+                      ("RejectLine", "RejectSeq", "RejectLength", "Events", "LinesScored", "LinesIn",
                        "LastVerdictLine", "PixelThreshold", "ImageThreshold", "Paused")}
         return seen, second, values
 
