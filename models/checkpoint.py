@@ -22,7 +22,7 @@ import zipfile
 import torch
 
 from .base import ScoreStats
-from .registry import create_model
+from .registry import create_model, saved_config
 
 FORMAT = "edge-ad-checkpoint"
 FORMAT_VERSION = 2      # 2: meta_sha256 (version 1 stored only the weights' hash)
@@ -191,7 +191,7 @@ def load_checkpoint(path, map_location="cpu"):
     """Build the registered model described by the checkpoint and load its weights (eval mode)."""
     meta, sd, hashes = _read(path)
     try:
-        model = create_model(meta["model"], pretrained=False, **meta["config"])
+        model = create_model(meta["model"], pretrained=False, **saved_config(meta["model"], meta["config"]))
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: config does not build model {meta.get('model')!r}: {e}") from None
     try:

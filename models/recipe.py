@@ -75,6 +75,8 @@ class ReconRecipe:
     memory_weight: float = 0.0                 # W of the nearest-neighbour term (0 = none; module doc)
     memory_ratio: float = 0.1                  # fraction of the training patches the memory keeps
     memory_rows: int = 0                       # set by finalize(); what the checkpoint's buffer holds
+    # models.registry.saved_config: a checkpoint saved before the memory term existed scores without it
+    PREDATING = {"memory_weight": 0.0}
 
     def check_recipe(self) -> None:
         name = type(self).__name__

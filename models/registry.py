@@ -48,3 +48,11 @@ def create_model(name: str, pretrained: bool = True, **cfg):
     cls = get_model_class(name)
     config = cls.config_class.from_dict(cfg)
     return cls(config, pretrained=pretrained)
+
+
+def saved_config(name: str, config: Dict) -> Dict:
+    """A config saved by an earlier version (checkpoint, training state), completed so it builds the
+    model that was saved: a field it lacks takes the config class's `PREDATING` value for it (where a
+    field came in with a default other than the old behaviour), else nothing (the field's default)."""
+    cls = get_model_class(name).config_class
+    return dict({k: v for k, v in getattr(cls, "PREDATING", {}).items() if k not in config}, **config)

@@ -144,3 +144,25 @@ def test_rescoring_a_finished_run_adds_the_memory_to_the_same_weights(tmp_path):
     saved = load_checkpoint(tmp_path / "r.pt")
     assert saved.config.memory_weight == 1.0 and saved.config.memory_rows == again.memory.shape[0] > 0
     assert summary["config"]["memory_weight"] == 1.0 and summary["finalize_time_s"] > 0
+
+
+def test_a_checkpoint_saved_before_the_memory_term_scores_without_it(tmp_path):
+    """DVAD's default memory_weight is 1, but a checkpoint whose config predates the field was trained
+    and calibrated without the term: it loads with memory_weight 0 and scores as it did."""
+    import hashlib
+
+    cfg = get_model_class("dvad").config_class.tiny(memory_weight=0.0, map_strides=(16,)).to_dict()
+    torch.manual_seed(0)
+    model = models.create_model("dvad", pretrained=False, **cfg).eval()
+    path = save_checkpoint(model, tmp_path / "old.pt")
+    blob = torch.load(path, weights_only=True)
+    meta = json.loads(blob["meta_json"])
+    meta["config"] = {k: v for k, v in meta["config"].items() if not k.startswith("memory_")}
+    meta_json = json.dumps(meta)
+    torch.save(dict(blob, meta_json=meta_json, meta_sha256=hashlib.sha256(meta_json.encode()).hexdigest()), path)
+    old = load_checkpoint(path)
+    assert old.config.memory_weight == 0.0 and not hasattr(old, "memory")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(x), old(x)):
+            assert torch.equal(a, b)
