@@ -190,7 +190,7 @@ class AdaptedMoE(AnomalyModel):
             size = sel[0].shape[-2:]
             out = []
             for f in sel:
-                f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+                f = _layers.local_mean(f, 3)
                 if f.shape[-2:] != size:
                     f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                 out.append(f)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from .base import AnomalyModel, ConfigBase, PreprocessConfig, encoder_preprocess, track_input_normalisation
 from .registry import register_model
 from . import encoders as _enc
+from . import layers as _layers
 from .adapted_moe import iter_batches, patch_map
 from .memory import fill_rows, greedy_coreset, topk_similarity
 
@@ -147,8 +148,7 @@ class FewShot(AnomalyModel):
                               for f in sel], dim=1)
             out = []
             for k in self.scales:
-                g = fmap if k == 1 else F.avg_pool2d(fmap, k, stride=1, padding=k // 2,
-                                                     count_include_pad=False)
+                g = _layers.local_mean(fmap, k)
                 out.append(F.normalize(g.flatten(2).transpose(1, 2), dim=-1))
             return (out, tuple(size)) if with_grid else out
 

@@ -11,6 +11,8 @@ Shapes (B batch, S input side, f_s encoder feature at stride s with C_s channels
   CNNBranch(dim, k)                              (B, dim, h, w) -> same: 1x1 -> depthwise kxk -> 1x1,
       each followed by InstanceNorm + SiLU (per sample: batch independent).
   LayerNorm2d(dim)                               LayerNorm over the channel axis of (B, C, h, w).
+  local_mean(f, k)                               k x k average at stride 1 (the patch features of the
+      reconstruction targets and of every memory model).
   cosine_anomaly_map(feats, recs, size, blur_sigma, topk) -> (map (B, 1, size, size), score (B,))
       per scale 1 - cosine over channels, bilinear to the input size, mean over scales, Gaussian blur
       (fixed separable conv, replicate padding), score = `image_score`: the map's max (topk 0) or
@@ -147,6 +149,13 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
     return x
+
+
+def local_mean(f: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k average of (B, C, h, w) at stride 1, same size (edge cells over the cells that exist)."""
+    if k <= 1:
+        return f
+    return F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
 
 
 def cosine_distance_maps(feats: Sequence[torch.Tensor], recs: Sequence[torch.Tensor]) -> List[torch.Tensor]:

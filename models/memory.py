@@ -5,6 +5,7 @@
       repeatedly add the row farthest from the rows chosen so far, distances measured on a fixed
       Gaussian random projection to `dim` dimensions (0 = none). Each step is one matrix-vector
       product (|z|^2 - 2 z.z_j + |z_j|^2), so 1 % of ~700 k patches takes about a minute on one core.
+  coreset_of(x, ratio, dim, seed, max_rows) -> indices: the coreset of a fraction of the rows.
   fill_rows(bank (m, D), rows) -> (rows, D)
       pad a bank to a fixed row count by repeating rows (duplicates never change a nearest neighbour).
   topk_similarity(f (B, P, D), bank (M, D), k) -> (B, P)
@@ -40,6 +41,13 @@ def greedy_coreset(x: torch.Tensor, n: int, dim: int = 64, seed: int = 0, progre
         idx.append(j)
         torch.minimum(dist, (sq - 2.0 * (z @ z[j]) + sq[j]).clamp_min_(0.0), out=dist)
     return torch.tensor(idx)
+
+
+def coreset_of(x: torch.Tensor, ratio: float, dim: int = 64, seed: int = 0, max_rows: int = 0,
+               progress: bool = False) -> torch.Tensor:
+    """Indices of a greedy coreset of `ratio` of the rows of x (at least one; at most `max_rows` if > 0)."""
+    n = max(1, int(round(ratio * x.shape[0])))
+    return greedy_coreset(x, min(n, max_rows) if max_rows else n, dim, seed, progress=progress)
 
 
 def fill_rows(bank: torch.Tensor, rows: int) -> torch.Tensor:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from . import encoders as _enc
 from .adapted_moe import iter_batches, patch_map
 from .base import AnomalyModel, ConfigBase, PreprocessConfig
-from .memory import greedy_coreset, knn_distance
+from . import layers as _layers
+from .memory import coreset_of, knn_distance
 from .registry import register_model
 
 
@@ -106,8 +107,7 @@ class PatchCore(AnomalyModel):
             size = sel[0].shape[-2:]
             parts = []
             for f in sel:
-                if k > 1:
-                    f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+                f = _layers.local_mean(f, k)
                 if f.shape[-2:] != size:
                     f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                 if self.config.l2_normalize:
@@ -134,10 +134,7 @@ class PatchCore(AnomalyModel):
         if not chunks:
             raise ValueError("patchcore.prepare: no training images in the loader")
         allf = torch.cat(chunks)
-        n = max(1, int(round(c.coreset_ratio * allf.shape[0])))
-        if c.max_memory:
-            n = min(n, int(c.max_memory))
-        keep = greedy_coreset(allf, n, c.coreset_dim, c.seed, progress=progress)
+        keep = coreset_of(allf, c.coreset_ratio, c.coreset_dim, c.seed, int(c.max_memory), progress=progress)
         bank = allf[keep].to(dev)
         self.memory = bank.contiguous()
         self.config.memory_rows = int(bank.shape[0])

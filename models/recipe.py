@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from . import layers as L
 from .adapted_moe import iter_batches
 from .base import AnomalyModel
-from .memory import greedy_coreset, knn_distance
+from .memory import coreset_of, knn_distance
 
 STRIDES = (4, 8, 16)
 SCHEDULES = ("step", "cosine")
@@ -134,9 +134,7 @@ class ReconstructionModel(AnomalyModel):
         with torch.no_grad():
             feats = [f.detach() for f in self.encoder(x)]
             k = 1 if self._legacy else int(self.config.feature_pool)
-            if k > 1:
-                feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
-            return feats
+            return [L.local_mean(f, k) for f in feats]
 
     def _memory_dim(self) -> int:
         return int(self.encoder.channels[STRIDES.index(MEMORY_STRIDE)])
@@ -148,8 +146,7 @@ class ReconstructionModel(AnomalyModel):
 
     def memory_features(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """[f4, f8, f16] -> (B, P, C16): the memory's patch features (3 x 3 average, unit length)."""
-        f = feats[STRIDES.index(MEMORY_STRIDE)]
-        f = F.avg_pool2d(f, MEMORY_PATCH, stride=1, padding=MEMORY_PATCH // 2, count_include_pad=False)
+        f = L.local_mean(feats[STRIDES.index(MEMORY_STRIDE)], MEMORY_PATCH)
         return F.normalize(f, dim=1).flatten(2).transpose(1, 2)
 
     def _recon_maps(self, feats, recs) -> List[torch.Tensor]:
@@ -204,8 +201,7 @@ class ReconstructionModel(AnomalyModel):
         if not patches:
             raise ValueError(f"{type(self).__name__}.finalize: no training images in the loader")
         allf = torch.cat(patches)
-        n = max(1, int(round(c.memory_ratio * allf.shape[0])))
-        bank = allf[greedy_coreset(allf, n, 128, seed=0)]
+        bank = allf[coreset_of(allf, c.memory_ratio, dim=128, seed=0)]
         d = torch.cat([knn_distance(chunk[None], bank, 1)[0] for chunk in allf.split(4096)])
         scales = torch.stack([torch.cat(r_means).mean(), d.mean()]).clamp_min(1e-8)
         self._set_memory(bank.to(dev), scales.to(dev))

@@ -53,6 +53,6 @@ def create_model(name: str, pretrained: bool = True, **cfg):
 def saved_config(name: str, config: Dict) -> Dict:
     """A config saved by an earlier version (checkpoint, training state), completed so it builds the
     model that was saved: a field it lacks takes the config class's `PREDATING` value for it (where a
-    field came in with a default other than the old behaviour), else nothing (the field's default)."""
+    field came in with a default other than the old behaviour), else the field's default."""
     cls = get_model_class(name).config_class
-    return dict({k: v for k, v in getattr(cls, "PREDATING", {}).items() if k not in config}, **config)
+    return {**cls().to_dict(), **getattr(cls, "PREDATING", {}), **config}

@@ -245,8 +245,7 @@ def _load_state(path: pathlib.Path, model_name: str, config: dict, epochs: int) 
         raise TrainError(f"{path}: not a training state file of this toolkit; delete it to start over")
     saved = json.loads(blob.get("config_json", "{}"))
     if blob.get("model") == model_name:   # fields added since the state was written: what it ran with
-        defaults = get_model_class(model_name).config_class().to_dict()
-        saved = dict({k: defaults[k] for k in config if k in defaults}, **saved_config(model_name, saved))
+        saved = saved_config(model_name, saved)
     if int(blob.get("epoch", 0)) >= epochs:   # a finished run: its scoring fields may change, nothing else
         saved = dict(saved, **{k: config[k] for k in SCORING_FIELDS if k in config})
     if blob.get("model") != model_name or saved != config:
