@@ -226,7 +226,7 @@ class AdaptedMoE(AnomalyModel):
 
     # ---- training hooks ------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, loader) -> None:
+    def prepare(self, loader, progress: bool = False) -> None:
         embs, cids = [], []
         for x, cid, _, _ in iter_batches(loader):
             fmap = self.frozen_features(x.to(self.emb_mean.device))
@@ -313,7 +313,7 @@ class AdaptedMoE(AnomalyModel):
             self.expert_std[k].lerp_(std, mom)
 
     @torch.no_grad()
-    def finalize(self, loader) -> None:
+    def finalize(self, loader, progress: bool = False) -> None:
         """Exact per-expert statistics of the projected training features (for TTA)."""
         m = self.config.num_experts
         s1 = torch.zeros(m, self.dim, dtype=torch.float64)

@@ -146,14 +146,15 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     # ---- training hooks -------------------------------------------------------------
-    def prepare(self, loader) -> None:
-        """Called once before gradient training with the training loader."""
+    def prepare(self, loader, progress: bool = False) -> None:
+        """Called once before gradient training with the training loader (progress: show bars for
+        long steps inside, such as a coreset; models.train wraps the loader itself)."""
 
     def training_loss(self, x: torch.Tensor, class_id: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no gradient training")
 
-    def finalize(self, loader) -> None:
-        """Called once after gradient training with the training loader."""
+    def finalize(self, loader, progress: bool = False) -> None:
+        """Called once after gradient training with the training loader (progress: as prepare)."""
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

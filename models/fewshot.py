@@ -212,7 +212,7 @@ class FewShot(AnomalyModel):
         return out
 
     @torch.no_grad()
-    def prepare(self, loader) -> None:
+    def prepare(self, loader, progress: bool = False) -> None:
         c = self.config
         dev = self.normal_bank.device
         normals, anomalous = [], list(self._extra_anomalous) + self._load_config_anomalous()
@@ -237,7 +237,7 @@ class FewShot(AnomalyModel):
         nbank, nsrc = [], []
         for i in range(S):
             flat = feats_n[i].reshape(-1, self.dim).cpu()
-            keep = greedy_coreset(flat, c.normal_memory, c.coreset_dim, c.seed + i)
+            keep = greedy_coreset(flat, c.normal_memory, c.coreset_dim, c.seed + i, progress)
             nbank.append(fill_rows(flat[keep], c.normal_memory))
             nsrc.append(fill_rows(src_all[keep][:, None].float(), c.normal_memory)[:, 0].long())
         self.normal_bank.copy_(torch.stack(nbank).to(dev))
@@ -251,7 +251,7 @@ class FewShot(AnomalyModel):
             abank = []
             for i in range(S):
                 rows = feats_a[i].cpu()[mgrid]
-                keep = greedy_coreset(rows, c.anomalous_memory, c.coreset_dim, c.seed + 100 + i)
+                keep = greedy_coreset(rows, c.anomalous_memory, c.coreset_dim, c.seed + 100 + i, progress)
                 abank.append(fill_rows(rows[keep], c.anomalous_memory))
             self.anomalous_bank.copy_(torch.stack(abank).to(dev))
             self.has_anomalous.fill_(1.0)
@@ -261,10 +261,10 @@ class FewShot(AnomalyModel):
         self._search_weights(xn, anomalous, torch.stack(nsrc))
         self.built.fill_(1.0)
 
-    def finalize(self, loader) -> None:
+    def finalize(self, loader, progress: bool = False) -> None:
         """Builds the memories if prepare() was not called (a loop that only calls finalize)."""
         if float(self.built) == 0:
-            self.prepare(loader)
+            self.prepare(loader, progress)
 
     def _features_batched(self, x, bs: int = 8):
         outs = None

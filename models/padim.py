@@ -110,7 +110,7 @@ class Padim(AnomalyModel):
 
     # ---- fit ----------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, loader) -> None:
+    def prepare(self, loader, progress: bool = False) -> None:
         """Fit the per-position Gaussians on the (normal) training images of `loader`.
 
         Items may be dicts with key "image" (models.data.AnomalyDataset), (image, ...) tuples or

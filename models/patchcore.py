@@ -141,7 +141,7 @@ class PatchCore(AnomalyModel):
         self.build_log = dict(patches=int(allf.shape[0]), memory_rows=int(bank.shape[0]), dim=self.dim,
                               memory_mb=bank.numel() * 4 / 2 ** 20)
 
-    def finalize(self, loader) -> None:
+    def finalize(self, loader, progress: bool = False) -> None:
         """Builds the memory if prepare() was not called (a loop that only calls finalize)."""
         if int(self.config.memory_rows) == 0:
-            self.prepare(loader)
+            self.prepare(loader, progress)

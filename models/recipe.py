@@ -185,7 +185,7 @@ class ReconstructionModel(AnomalyModel):
         return L.weighted_anomaly_map(rmaps + [dmap], tuple(x.shape[-2:]), c.blur_sigma, topk, weights)
 
     @torch.no_grad()
-    def finalize(self, loader) -> None:
+    def finalize(self, loader, progress: bool = False) -> None:
         """With memory_weight > 0: build the memory and its scales from the training images (module doc)."""
         c = self.config
         if self._legacy or c.memory_weight <= 0:
@@ -201,7 +201,7 @@ class ReconstructionModel(AnomalyModel):
         if not patches:
             raise ValueError(f"{type(self).__name__}.finalize: no training images in the loader")
         allf = torch.cat(patches)
-        bank = allf[coreset_of(allf, c.memory_ratio, dim=128, seed=0)]
+        bank = allf[coreset_of(allf, c.memory_ratio, dim=128, seed=0, progress=progress)]
         d = torch.cat([knn_distance(chunk[None], bank, 1)[0] for chunk in allf.split(4096)])
         scales = torch.stack([torch.cat(r_means).mean(), d.mean()]).clamp_min(1e-8)
         self._set_memory(bank.to(dev), scales.to(dev))

@@ -343,9 +343,13 @@ def train(data, classes=None, model: str = "dvad", epochs: Optional[int] = None,
     start_epoch, history, images_seen, train_time = 0, [], 0, 0.0
     t_cache = 0.0
     prep_loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, num_workers=workers)
+
+    def prep(desc):   # one pass over the training images for a prepare / finalize hook, with a bar
+        return tqdm(prep_loader, desc=desc, disable=not progress, leave=False)
+
     if not net.needs_gradient_training:
         t0 = time.perf_counter()
-        net.prepare(prep_loader)                 # statistics / memory banks: the whole "training"
+        net.prepare(prep("fitting"), progress=progress)   # statistics / memory banks: the whole "training"
         train_time = time.perf_counter() - t0
         images_seen = len(train_ds)
     if net.needs_gradient_training and epochs > 0:
@@ -365,7 +369,7 @@ def train(data, classes=None, model: str = "dvad", epochs: Optional[int] = None,
             images_seen, train_time = int(blob["images_seen"]), float(blob["train_time"])
             log(f"resuming from {state_path} after epoch {start_epoch}" + (
                 " (finished: re-scoring its weights with this run's scoring fields)" if start_epoch >= epochs else ""))
-        net.prepare(prep_loader)
+        net.prepare(prep("preparing"), progress=progress)
         cache = None
         if start_epoch < epochs:
             t0 = time.perf_counter()
@@ -429,7 +433,7 @@ def train(data, classes=None, model: str = "dvad", epochs: Optional[int] = None,
         del cache
     net.eval()
     t0 = time.perf_counter()
-    net.finalize(prep_loader)                    # post-training statistics / memory (none for most models)
+    net.finalize(prep("finalizing"), progress=progress)   # post-training statistics / memory (most: none)
     t_final = time.perf_counter() - t0
     if t_final > 1.0:
         log(f"finalize (statistics / memory after training): {t_final:.0f} s")
