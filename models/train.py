@@ -248,10 +248,19 @@ def _load_state(path: pathlib.Path, model_name: str, config: dict, epochs: int) 
         saved = saved_config(model_name, saved)
     if int(blob.get("epoch", 0)) >= epochs:   # a finished run: its scoring fields may change, nothing else
         saved = dict(saved, **{k: config[k] for k in SCORING_FIELDS if k in config})
-    if blob.get("model") != model_name or saved != config:
-        raise TrainError(f"{path}: was written for model {blob.get('model')!r} with config "
-                         f"{blob.get('config_json')}; this run asks for {model_name!r} with "
-                         f"{json.dumps(config)}. Use the same --model/--config, or delete the file")
+    if blob.get("model") != model_name:
+        raise TrainError(f"{path}: was written for model {blob.get('model')!r}; this run asks for "
+                         f"{model_name!r}. Use the same --model, or delete the file")
+    changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if changed:
+        diff = ", ".join(f"{k} (saved {saved.get(k, '-')!r}, asked {config.get(k, '-')!r})" for k in changed)
+        done = int(blob.get("epoch", 0))
+        hint = ""
+        if done < epochs and all(k in SCORING_FIELDS for k in changed):
+            hint = (f"; scoring fields change only on a finished run, and it stopped after epoch {done} "
+                    f"of the {epochs} this run asks for: pass --epochs {done} to re-score its weights")
+        raise TrainError(f"{path}: its config differs from this run's in {diff}{hint}. Use the same "
+                         f"--config, or delete the file")
     return blob
 
 

@@ -96,9 +96,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7, msg=k)
     # a different config cannot silently resume someone else's state
-    with pytest.raises(TrainError, match="Use the same --model/--config"):
+    with pytest.raises(TrainError, match=r"differs from this run's in d_state \(saved 4, asked 5\)\. Use"):
         train(root, model="dvad", epochs=3, out=tmp_path / "b.pt", batch_size=4, seed=3,
               config=dict(TINY, d_state=5), resume=True, **QUIET)
+    with pytest.raises(TrainError, match="written for model 'dvad'; this run asks for 'mambaad'"):
+        train(root, model="mambaad", epochs=3, out=tmp_path / "b.pt", batch_size=4, seed=3,
+              config=TINY, resume=True, **QUIET)
 
 
 def test_resuming_a_finished_run_rescores_the_same_weights_and_nothing_else(tmp_path):
@@ -121,9 +124,9 @@ def test_resuming_a_finished_run_rescores_the_same_weights_and_nothing_else(tmp_
                                                         abs=1e-7)
     assert saved.score_stats.threshold != first.score_stats.threshold
     # a field that shaped the weights still refuses, and so does an unfinished run asked to re-score
-    with pytest.raises(TrainError, match="Use the same --model/--config"):
+    with pytest.raises(TrainError, match=r"in lr \(saved [0-9.e-]+, asked 0\.01\)\. Use the same --config"):
         _tiny_run(root, tmp_path / "r.pt", 2, resume=True, config=dict(TINY, lr=0.01))
-    with pytest.raises(TrainError, match="Use the same --model/--config"):
+    with pytest.raises(TrainError, match="stopped after epoch 2 of the 3 this run asks for: pass --epochs 2"):
         _tiny_run(root, tmp_path / "r.pt", 3, resume=True, config=dict(TINY, score_topk=0.05))
 
 
