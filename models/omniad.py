@@ -3,7 +3,8 @@
 Like MambaAD/DVAD, a frozen encoder gives features at strides 4/8/16, a neck fuses them to one
 stride-32 map, and a decoder rebuilds the stride-16/8/4 features; the anomaly map is the per-scale
 1 - cosine(encoder, decoder) of the scales in `map_strides`, upsampled, averaged and blurred, the image
-score the mean of its top `score_topk` fraction (models.recipe: by default stride 16 alone, top 1 %).
+score the mean of its top `score_topk` fraction (models.recipe: by default stride 16 alone, top 1 %),
+plus by default the nearest-neighbour term of models.recipe (as DVAD; `memory_weight`).
 
 Omni-block (all linear in the number of pixels HW):
   global branch   LayerNorm; Q learnable query tokens (a g x g grid) attend to the pixels
@@ -52,6 +53,9 @@ class OmniADConfig(ConfigBase, ReconRecipe):
     jitter_scale: float = 0.2                # feature jitter on the neck output (training only)
     jitter_prob: float = 1.0
     lr: float = 1e-3
+    # DVAD's nearest-neighbour term (models.recipe), at DVAD's weight: it raised every validation split on
+    # every seed (benchmarks/RESULTS.md section 12, tenth round); built after training (a few minutes)
+    memory_weight: float = 1.0
     # + the training / scoring recipe of models.recipe.ReconRecipe (blur, score, targets, loss, schedule)
 
     def __post_init__(self):
@@ -67,16 +71,20 @@ class OmniADConfig(ConfigBase, ReconRecipe):
     @classmethod
     def tiny(cls, **kw):
         """Seconds-to-train sizes for tests (input 64, the smallest encoder Lite0); scored on all three
-        scales by their maximum, as DVADConfig.tiny (test_recipe covers the defaults)."""
+        scales by their maximum without the memory term, as DVADConfig.tiny (test_recipe and
+        test_recipe_memory cover the defaults)."""
         base = dict(input_size=64, encoder="efficientnet_lite0", width=8, depths=(1, 1, 1, 1), heads=2,
-                    num_queries=4, num_kv=4, blur_sigma=2.0, map_strides=(4, 8, 16), score_topk=0.0)
+                    num_queries=4, num_kv=4, blur_sigma=2.0, map_strides=(4, 8, 16), score_topk=0.0,
+                    memory_weight=0.0)
         base.update(kw)
         return cls(**base)
 
     @classmethod
     def paper(cls, **kw):
-        """The paper's sizes (ResNet-34-like widths, depths [3, 9, 9, 7], 8 heads, 64 tokens)."""
-        base = dict(width=64, depths=PAPER_DEPTHS, heads=8, num_queries=64, num_kv=64, mlp_ratio=4.0)
+        """The paper's sizes (ResNet-34-like widths, depths [3, 9, 9, 7], 8 heads, 64 tokens), scored by the
+        reconstruction alone as the paper does (no memory term)."""
+        base = dict(width=64, depths=PAPER_DEPTHS, heads=8, num_queries=64, num_kv=64, mlp_ratio=4.0,
+                    memory_weight=0.0)
         base.update(kw)
         return cls(**base)
 
