@@ -147,7 +147,7 @@ def test_rescoring_a_finished_run_adds_the_memory_to_the_same_weights(tmp_path):
 
 
 def test_a_checkpoint_saved_before_the_memory_term_scores_without_it(tmp_path):
-    """DVAD's default memory_weight is 1, but a checkpoint whose config predates the field was trained
+    """DVAD's default memory_weight is 2, but a checkpoint whose config predates the field was trained
     and calibrated without the term: it loads with memory_weight 0 and scores as it did."""
     import hashlib
 
