@@ -146,14 +146,17 @@ def test_rescoring_a_finished_run_adds_the_memory_to_the_same_weights(tmp_path):
     assert summary["config"]["memory_weight"] == 1.0 and summary["finalize_time_s"] > 0
 
 
-def test_a_checkpoint_saved_before_the_memory_term_scores_without_it(tmp_path):
-    """DVAD's default memory_weight is 2, but a checkpoint whose config predates the field was trained
-    and calibrated without the term: it loads with memory_weight 0 and scores as it did."""
+@pytest.mark.parametrize("name", ["dvad", "omniad"])
+def test_a_checkpoint_saved_before_the_memory_term_scores_without_it(tmp_path, name):
+    """DVAD's and Omni-AD's defaults have the term (memory_weight 2 and 1), but a checkpoint whose config
+    predates the field was trained and calibrated without it: it loads with memory_weight 0 and scores as
+    it did."""
     import hashlib
 
-    cfg = get_model_class("dvad").config_class.tiny(memory_weight=0.0, map_strides=(16,)).to_dict()
+    assert get_model_class(name).config_class().memory_weight > 0
+    cfg = get_model_class(name).config_class.tiny(memory_weight=0.0, map_strides=(16,)).to_dict()
     torch.manual_seed(0)
-    model = models.create_model("dvad", pretrained=False, **cfg).eval()
+    model = models.create_model(name, pretrained=False, **cfg).eval()
     path = save_checkpoint(model, tmp_path / "old.pt")
     blob = torch.load(path, weights_only=True)
     meta = json.loads(blob["meta_json"])
