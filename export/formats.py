@@ -238,7 +238,8 @@ _HELP = {
     "int8_weights": "INT8 weight scales: per-channel (default) or per-tensor",
     "int8_ops": "op types INT8 quantises, comma-separated subset of Conv,Gemm,MatMul (default all)",
     "int8_keep": "module paths kept fp32 besides the scan and pre/post tail, e.g. encoder,fuse.gate,heads "
-                 "or first,last (default none)",
+                 "or first,last (default: the model's own - the encoder of a model that scores against a "
+                 "memory of its features - else none; \"\" keeps none)",
     "int8_fp32_consumers": "ops kept fp32 read the original tensor (fp32, default) or the int8-rounded copy (qdq)",
     "workspace": "TensorRT workspace memory pool in GB (default 4)",
     "min_batch": "optimisation profile minimum batch (default 1)",

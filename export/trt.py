@@ -223,6 +223,8 @@ def export_trt(ckpt, out=None, *, precision: str = "fp32", calib=None, workspace
     outdir.mkdir(parents=True, exist_ok=True)
     scan_mode, plugin_aot, note = _scan_mode(a["scan"] or "chunked", a["target"] or "x86")
     model = load_model(ckpt)
+    if a.get("int8_keep") is None:
+        q8["int8_keep"] = tuple(model.int8_keep)
     fp32_path, meta, written = _fp32_onnx(model, outdir, a, scan_mode, plugin_aot, full_res_map, check,
                                           images, quiet, onnx_fp32)
     ex = meta["export"]

@@ -141,6 +141,11 @@ class AnomalyModel(nn.Module):
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(input_size=getattr(self.config, "input_size", 256))
 
+    # Module paths an INT8 export keeps fp32 unless told otherwise (export.trt --int8-keep): a model
+    # whose scores compare encoder features with a memory of fp32 features keeps that encoder (an
+    # INT8 encoder moves every distance to the memory: benchmarks/RESULTS.md section 3).
+    int8_keep: tuple = ()
+
     # ---- inference ------------------------------------------------------------------
     def forward(self, x: torch.Tensor):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -111,6 +111,7 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 class FewShot(AnomalyModel):
     config_class = FewShotConfig
     needs_gradient_training = False
+    int8_keep = ("encoder",)          # its memories hold fp32 encoder features (AnomalyModel.int8_keep)
 
     def __init__(self, config: FewShotConfig, pretrained: bool = True):
         super().__init__(config, pretrained)

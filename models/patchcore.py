@@ -81,6 +81,7 @@ class PatchCoreConfig(ConfigBase):
 class PatchCore(AnomalyModel):
     config_class = PatchCoreConfig
     needs_gradient_training = False
+    int8_keep = ("encoder",)          # its memory holds fp32 encoder features (AnomalyModel.int8_keep)
 
     def __init__(self, config: PatchCoreConfig, pretrained: bool = True):
         super().__init__(config, pretrained)

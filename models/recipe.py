@@ -110,6 +110,11 @@ class ReconstructionModel(AnomalyModel):
 
     frozen_encoder = True     # models.train may cache `encode(x)` outputs (no augmentation)
 
+    @property
+    def int8_keep(self) -> tuple:
+        """With a memory term: the encoder, whose fp32 features the memory holds (AnomalyModel.int8_keep)."""
+        return ("encoder",) if hasattr(self, "memory") else ()
+
     def track_recipe(self) -> None:
         """Register the recipe marker and a built memory's buffers (call in __init__, after the
         encoder); see the module doc."""

@@ -126,3 +126,50 @@ def test_cli_flags_reach_the_metadata_and_sidecar(onnx_chunked, tiny_ckpt, tmp_p
     assert e.value.code == 2 and "--calib-method: invalid choice: 'kl'" in capsys.readouterr().err
 
 
+
+
+@pytest.fixture(scope="module")
+def memory_dvad(tmp_path_factory):
+    """A tiny DVAD with the memory term (built on random images), its checkpoint and fp32 export."""
+    import contextlib
+    import io
+
+    import torch
+
+    import models
+    from export.onnx import main
+    from models.checkpoint import save_checkpoint
+    from models.registry import get_model_class
+
+    out = tmp_path_factory.mktemp("memory_dvad")
+    cfg = get_model_class("dvad").config_class.tiny(memory_weight=1.0, memory_ratio=0.3).to_dict()
+    torch.manual_seed(0)
+    model = models.create_model("dvad", pretrained=False, **cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    model.finalize([torch.randn(4, 3, 64, 64, generator=g) for _ in range(2)])
+    ckpt = save_checkpoint(model, out / "m.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--ckpt", str(ckpt), "--out", str(out / "onnx"), "--frame-size", f"{FRAME_HW[0]}x{FRAME_HW[1]}",
+                     "--frame-channels", "1", "--n", "4"]) == 0
+    return ckpt, out / "onnx" / "model.onnx"
+
+
+@pytest.mark.parametrize("keep,expected", [(None, ["encoder"]), ("", [])])
+def test_int8_keeps_the_encoder_of_a_model_with_a_memory(memory_dvad, onnx_chunked, tiny_ckpt, tmp_path, keep,
+                                                         expected):
+    """A model that scores against a memory of fp32 encoder features keeps its encoder fp32 in INT8
+    unless --int8-keep says otherwise ("" = none); a model without a memory keeps nothing by default."""
+    ckpt, fp32 = memory_dvad
+    res = T.export_trt(ckpt, tmp_path, precision="int8", dry_run=True, onnx_fp32=fp32, n_calib=4, check=False,
+                       quiet=True, int8_keep=keep)
+    assert read_metadata(res.onnx)["export"]["precision_info"]["keep_fp32"] == expected
+    m = onnx.load(str(res.onnx))
+    dq = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    encoder = set(P.module_node_names(onnx.load(str(fp32)), ["encoder"], P.QUANT_OPS))
+    assert encoder
+    quantised = [n.name for n in m.graph.node if n.name in encoder and any(x in dq for x in n.input)]
+    assert (not quantised) if expected else quantised
+    if keep is None:
+        plain = T.export_trt(tiny_ckpt, tmp_path / "plain", precision="int8", dry_run=True,
+                             onnx_fp32=onnx_chunked[0], n_calib=4, check=False, quiet=True)
+        assert read_metadata(plain.onnx)["export"]["precision_info"]["keep_fp32"] == []
