@@ -221,3 +221,40 @@ def test_int8_keeps_biases_float_for_tensorrt(tmp_path):
     ref, got = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"frames": frames})[0]
                 for p in (src, tmp_path / "q.onnx")]
     assert 0 < np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_int8_keeps_the_memory_search_fp32(tmp_path):
+    """A nearest-neighbour distance to a memory bank (models/memory.py) is not a layer: in the INT8
+    graph of a DVAD with the memory term no node of that search reads a quantised tensor, while the
+    layers around it are quantised; the fp32 graph has such a search (a MatMul against the bank)."""
+    import contextlib
+    import io
+
+    import torch
+
+    import models
+    from export.onnx import main
+    from models.checkpoint import save_checkpoint
+    from models.registry import get_model_class
+
+    cfg = get_model_class("dvad").config_class.tiny(memory_weight=1.0, memory_ratio=0.3).to_dict()
+    torch.manual_seed(0)
+    model = models.create_model("dvad", pretrained=False, **cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    model.finalize([torch.randn(4, 3, 64, 64, generator=g) for _ in range(2)])
+    ckpt = save_checkpoint(model, tmp_path / "m.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "onnx"), "--frame-size",
+                     f"{FRAME_HW[0]}x{FRAME_HW[1]}", "--frame-channels", "1", "--n", "4"]) == 0
+    src = tmp_path / "onnx" / "model.onnx"
+    base = onnx.load(str(src))
+    memory = set(P.memory_node_names(base))
+    # one search: the MatMul of the bank, which TopK ranks (no layer of the decoder counts as one)
+    assert len(memory) == 1 and all(n.op_type == "MatMul" for n in base.graph.node if n.name in memory)
+    assert not memory & (set(P.tail_node_names(base)) | set(P.scan_node_names(base)))
+    info = P.quantize_int8(src, tmp_path / "q.onnx", fresh_frames(6, FRAME_HW, 1, seed=31))
+    assert info["memory_nodes_kept"] == len(memory) and info["quantized_nodes"] > 0
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    dq = _dq_outputs(m)
+    readers = [n.name for n in m.graph.node if n.name in memory and any(x in dq for x in n.input)]
+    assert not readers
