@@ -9,8 +9,8 @@ their types builds the same way on both (docs/design.md section 2).
   kernels/selective_scan.py), reductions, normalisations, exp/log, softmax, resize, the
   pre-processing and the anomaly-map tail stay fp32.
 - int8 (`quantize_int8`): explicit symmetric Q/DQ (onnxruntime.quantization, static, per-channel
-  weights) on Conv/Gemm/MatMul, calibrated on normal images, scan sub-graph, pre/post tail,
-  nearest-neighbour searches against a memory bank and batched MatMuls excluded, min-max / percentile / entropy activation ranges, biases left float
+  weights) on Conv/Gemm/MatMul, calibrated on normal images, scan sub-graph, pre/post tail and
+  batched MatMuls excluded, min-max / percentile / entropy activation ranges, biases left float
   (TensorRT's Q/DQ layers take INT8/FP8/INT4, not onnxruntime's int32 biases). Ops that stay fp32
   read the original fp32 tensor, not the int8-rounded copy onnxruntime wires them to by default
   (`fp32_consumers="fp32"`): on the magnetic tile DVAD (128 px) that alone took INT8 from -1.2 /
@@ -80,38 +80,6 @@ def tail_node_names(model) -> List[str]:
             if p.key == "pkg.torch.onnx.stack_trace" and (
                     _innermost_file(p.value).endswith(GRAPH_SOURCE) or "anomaly_map(" in p.value):
                 names.append(n.name)
-                break
-    return names
-
-
-# ops between a search's MatMul and its TopK (|f|^2 - 2 f.m + |m|^2 and layout)
-SEARCH_STEPS = frozenset("Mul Sub Add Neg Div Cast Reshape Unsqueeze Squeeze Transpose".split())
-
-
-def memory_node_names(model, max_steps: int = 8) -> List[str]:
-    """MatMuls of a nearest-neighbour search against a memory bank (models/memory.py: knn_distance,
-    topk_similarity - PatchCore, fewshot, the reconstruction models' memory term): a MatMul whose
-    result reaches a TopK through element-wise arithmetic alone (the exporter's stack traces stop at
-    the model's call site, so they cannot name it). A distance, not a layer: |f|^2 - 2 f.m + |m|^2
-    cancels, so INT8 rounding of f.m moves a distance by more than normal patches differ from defects
-    (the default DVAD's INT8 graph failed its parity gate with it quantised: RESULTS.md section 12)."""
-    consumers: dict = {}
-    for n in model.graph.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
-    names = []
-    for n in model.graph.node:
-        if n.op_type not in ("MatMul", "Gemm"):
-            continue
-        frontier, seen = [n], set()
-        for _ in range(max_steps):
-            nxt = [c for m in frontier for o in m.output for c in consumers.get(o, []) if c.name not in seen]
-            if any(c.op_type == "TopK" for c in nxt):
-                names.append(n.name)
-                break
-            frontier = [c for c in nxt if c.op_type in SEARCH_STEPS]
-            seen.update(c.name for c in frontier)
-            if not frontier:
                 break
     return names
 
@@ -368,7 +336,7 @@ def quantize_int8(src, dst, calib_frames: np.ndarray, method: str = "minmax", *,
     method: activation range from min-max, a percentile of |x| (`percentile`) or entropy (KL).
     per_channel: per-output-channel weight scales (else one per tensor). quant_ops: op types
     quantised. keep_fp32: module paths (see `module_node_names`) kept fp32 besides the scan
-    sub-graph, the pre/post tail and memory searches, always kept. fp32_consumers: "fp32" = ops that stay fp32
+    sub-graph and the pre/post tail, always kept. fp32_consumers: "fp32" = ops that stay fp32
     read the original tensor (only quantised ops see rounding); "qdq" = they read the dequantised
     copy (onnxruntime's default, TensorRT may then fuse more)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -383,8 +351,7 @@ def quantize_int8(src, dst, calib_frames: np.ndarray, method: str = "minmax", *,
     if not 0 < float(percentile) <= 100:
         raise ExportArgError(f"calib_percentile: expected 0 < p <= 100, got {percentile}")
     model = onnx.load(str(src))
-    memory = set(memory_node_names(model))
-    fixed = set(scan_node_names(model)) | set(tail_node_names(model)) | memory
+    fixed = set(scan_node_names(model)) | set(tail_node_names(model))
     kept = set(module_node_names(model, keep_fp32, quant_ops))
     unmatched = [p for p in keep_fp32 if p not in KEEP_SPECIAL and not module_node_names(model, [p])]
     if unmatched:
@@ -429,8 +396,8 @@ def quantize_int8(src, dst, calib_frames: np.ndarray, method: str = "minmax", *,
     info = {"quantize_nodes": n_q, "quantized_nodes": len(quantized), "excluded_nodes": len(exclude),
             "calib_frames": int(len(calib_frames)), "method": method, "per_channel": bool(per_channel),
             "quant_ops": list(quant_ops), "keep_fp32": list(keep_fp32), "fp32_consumers": fp32_consumers,
-            "rerouted_inputs": moved, "batched_matmul_kept": len(batched), "memory_nodes_kept": len(memory),
-            "symmetric": True, "bias": "fp32"}
+            "rerouted_inputs": moved, "batched_matmul_kept": len(batched), "symmetric": True,
+            "bias": "fp32"}
     if method == "percentile":
         info["percentile"] = float(percentile)
     if method == "entropy":
