@@ -73,7 +73,7 @@ def _innermost_file(trace: str) -> str:
 def tail_node_names(model) -> List[str]:
     """Frame pre-processing and the anomaly-map / score tail (cheap, precision-sensitive):
     nodes traced from deploy/graph.py itself or from models/layers.py's map functions (every one
-    named `*anomaly_map`: cosine_anomaly_map, weighted_anomaly_map)."""
+    named `*anomaly_map`: cosine_anomaly_map, weighted_anomaly_map, patch_anomaly_map)."""
     names = []
     for n in model.graph.node:
         for p in n.metadata_props:

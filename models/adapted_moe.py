@@ -91,8 +91,9 @@ def iter_batches(loader):
             yield batch, None, None, None
 
 
-def patch_map(patch_scores, size, blur_sigma: float):
-    """(map (B, 1, H, W), score (B,)) from patch scores (B, 1, h, w): bilinear up, blur, max."""
+def patch_anomaly_map(patch_scores, size, blur_sigma: float):
+    """(map (B, 1, H, W), score (B,)) from patch scores (B, 1, h, w): bilinear up, blur, max. Named
+    `*anomaly_map`: export.precision keeps what it traces to fp32 (the map tail)."""
     amap = F.interpolate(patch_scores, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
     amap = _layers.gaussian_blur(amap, blur_sigma)
     return amap, amap.amax(dim=(1, 2, 3))
@@ -369,4 +370,4 @@ class AdaptedMoE(AnomalyModel):
         return total.reshape(B, 1, hh, ww)
 
     def forward(self, x):
-        return patch_map(self.patch_scores(x), x.shape[-2:], self.config.blur_sigma)
+        return patch_anomaly_map(self.patch_scores(x), x.shape[-2:], self.config.blur_sigma)

@@ -46,7 +46,7 @@ from .base import AnomalyModel, ConfigBase, PreprocessConfig, encoder_preprocess
 from .registry import register_model
 from . import encoders as _enc
 from . import layers as _layers
-from .adapted_moe import iter_batches, patch_map
+from .adapted_moe import iter_batches, patch_anomaly_map
 from .memory import fill_rows, greedy_coreset, topk_similarity
 
 
@@ -179,7 +179,7 @@ class FewShot(AnomalyModel):
         return self.patch_features(x[:1], with_grid=True)[1]
 
     def forward(self, x):
-        return patch_map(self.patch_scores(x), x.shape[-2:], self.config.blur_sigma)
+        return patch_anomaly_map(self.patch_scores(x), x.shape[-2:], self.config.blur_sigma)
 
     # ---- building the memories -----------------------------------------------------------
     def add_anomalous(self, images: torch.Tensor, masks: torch.Tensor) -> None:

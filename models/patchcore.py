@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import encoders as _enc
-from .adapted_moe import iter_batches, patch_map
+from .adapted_moe import iter_batches, patch_anomaly_map
 from .base import AnomalyModel, ConfigBase, PreprocessConfig
 from . import layers as _layers
 from .memory import coreset_of, knn_distance
@@ -120,7 +120,7 @@ class PatchCore(AnomalyModel):
     def forward(self, x: torch.Tensor):
         f, (h, w) = self.patch_features(x)
         d = knn_distance(f, self.memory, self.config.knn)
-        return patch_map(d.reshape(x.shape[0], 1, h, w), x.shape[-2:], self.config.blur_sigma)
+        return patch_anomaly_map(d.reshape(x.shape[0], 1, h, w), x.shape[-2:], self.config.blur_sigma)
 
     # ---- fit ----------------------------------------------------------------------------
     @torch.no_grad()

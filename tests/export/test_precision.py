@@ -221,3 +221,43 @@ def test_int8_keeps_biases_float_for_tensorrt(tmp_path):
     ref, got = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"frames": frames})[0]
                 for p in (src, tmp_path / "q.onnx")]
     assert 0 < np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_the_memory_models_map_tail_stays_fp32(tmp_path):
+    """PatchCore's map tail (patch_anomaly_map: upsampling and the Gaussian blur, a Conv) is found by
+    its name like every model's and stays fp32 in INT8 and fp16 graphs (quantised, it alone failed
+    PatchCore's INT8 parity gate: benchmarks/RESULTS.md section 3)."""
+    import contextlib
+    import io
+
+    import torch
+
+    import models
+    from export.onnx import main
+    from models.checkpoint import save_checkpoint
+    from models.registry import get_model_class
+
+    cfg = get_model_class("patchcore").config_class(input_size=64, encoder="efficientnet_lite0").to_dict()
+    torch.manual_seed(0)
+    model = models.create_model("patchcore", pretrained=False, **cfg).eval()
+    model.prepare([torch.randn(4, 3, 64, 64) for _ in range(2)])
+    ckpt = save_checkpoint(model, tmp_path / "m.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "onnx"), "--frame-size",
+                     f"{FRAME_HW[0]}x{FRAME_HW[1]}", "--frame-channels", "1", "--n", "4"]) == 0
+    src = tmp_path / "onnx" / "model.onnx"
+    base = onnx.load(str(src))
+    tail = set(P.tail_node_names(base))
+    blur = [n.name for n in base.graph.node if n.op_type == "Conv" and not any(
+        ".encoder" in s for s in P._scopes(n))]
+    assert blur and set(blur) <= tail
+    P.quantize_int8(src, tmp_path / "q.onnx", fresh_frames(6, FRAME_HW, 1, seed=41), keep_fp32=())
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    dq = _dq_outputs(q)
+    assert not [n.name for n in q.graph.node if n.name in tail and any(x in dq for x in n.input)]
+    assert any(any(x in dq for x in n.input) for n in q.graph.node if n.op_type == "Conv")   # the encoder's
+    P.convert_fp16(src, tmp_path / "h.onnx")
+    h = onnx.load(str(tmp_path / "h.onnx"))
+    half_blur = [n for n in h.graph.node if n.name in set(blur)]
+    f32 = {i.name for i in h.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert half_blur and all(n.input[1] in f32 for n in half_blur)      # the blur kernel stays fp32
