@@ -20,6 +20,19 @@ def tiny_dvad():
     return create_model("dvad", pretrained=False, **cfg).eval()
 
 
+def export_through_cli(model, out):
+    """Save `model` as a checkpoint in `out` and export it with `python -m export.onnx` (frames
+    FRAME_HW, gray): (checkpoint, model.onnx)."""
+    from export.onnx import main
+    from models.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(model, out / "m.pt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--ckpt", str(ckpt), "--out", str(out / "onnx"), "--frame-size",
+                     f"{FRAME_HW[0]}x{FRAME_HW[1]}", "--frame-channels", "1", "--n", "4"]) == 0
+    return ckpt, out / "onnx" / "model.onnx"
+
+
 def fresh_frames(n, hw, ch, seed):
     """Uniform noise mixed with a smooth gradient: unlike anything the exporter saw."""
     rng = np.random.default_rng(seed)

@@ -9,7 +9,7 @@ import pytest
 from deploy.ort import int8_as_written, ort_session_options
 from export import precision as P
 
-from .conftest import FRAME_HW, fresh_frames
+from .conftest import FRAME_HW, export_through_cli, fresh_frames
 
 NAMES = ["anomaly_map", "score", "normalized_score"]
 
@@ -227,25 +227,16 @@ def test_the_memory_models_map_tail_stays_fp32(tmp_path):
     """PatchCore's map tail (patch_anomaly_map: upsampling and the Gaussian blur, a Conv) is found by
     its name like every model's and stays fp32 in INT8 and fp16 graphs (quantised, it alone failed
     PatchCore's INT8 parity gate: benchmarks/RESULTS.md section 3)."""
-    import contextlib
-    import io
-
     import torch
 
     import models
-    from export.onnx import main
-    from models.checkpoint import save_checkpoint
     from models.registry import get_model_class
 
     cfg = get_model_class("patchcore").config_class(input_size=64, encoder="efficientnet_lite0").to_dict()
     torch.manual_seed(0)
     model = models.create_model("patchcore", pretrained=False, **cfg).eval()
     model.prepare([torch.randn(4, 3, 64, 64) for _ in range(2)])
-    ckpt = save_checkpoint(model, tmp_path / "m.pt")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "onnx"), "--frame-size",
-                     f"{FRAME_HW[0]}x{FRAME_HW[1]}", "--frame-channels", "1", "--n", "4"]) == 0
-    src = tmp_path / "onnx" / "model.onnx"
+    _, src = export_through_cli(model, tmp_path)
     base = onnx.load(str(src))
     tail = set(P.tail_node_names(base))
     blur = [n.name for n in base.graph.node if n.op_type == "Conv" and not any(

@@ -9,7 +9,7 @@ from export import precision as P
 from export import trt as T
 from deploy.artifacts import read_metadata
 
-from .conftest import FRAME_HW, fresh_frames
+from .conftest import FRAME_HW, export_through_cli, fresh_frames
 
 NAMES = ["anomaly_map", "score", "normalized_score"]
 
@@ -131,27 +131,17 @@ def test_cli_flags_reach_the_metadata_and_sidecar(onnx_chunked, tiny_ckpt, tmp_p
 @pytest.fixture(scope="module")
 def memory_dvad(tmp_path_factory):
     """A tiny DVAD with the memory term (built on random images), its checkpoint and fp32 export."""
-    import contextlib
-    import io
-
     import torch
 
     import models
-    from export.onnx import main
-    from models.checkpoint import save_checkpoint
     from models.registry import get_model_class
 
-    out = tmp_path_factory.mktemp("memory_dvad")
     cfg = get_model_class("dvad").config_class.tiny(memory_weight=1.0, memory_ratio=0.3).to_dict()
     torch.manual_seed(0)
     model = models.create_model("dvad", pretrained=False, **cfg).eval()
     g = torch.Generator().manual_seed(1)
     model.finalize([torch.randn(4, 3, 64, 64, generator=g) for _ in range(2)])
-    ckpt = save_checkpoint(model, out / "m.pt")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["--ckpt", str(ckpt), "--out", str(out / "onnx"), "--frame-size", f"{FRAME_HW[0]}x{FRAME_HW[1]}",
-                     "--frame-channels", "1", "--n", "4"]) == 0
-    return ckpt, out / "onnx" / "model.onnx"
+    return export_through_cli(model, tmp_path_factory.mktemp("memory_dvad"))
 
 
 @pytest.mark.parametrize("keep,expected", [(None, ["encoder"]), ("", [])])
